@@ -1,0 +1,1 @@
+"""The engine both model families share: layers, mesh/sharding, data, optimisers, checkpoints, loop."""

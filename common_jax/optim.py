@@ -1,0 +1,84 @@
+"""Optimiser recipes of both papers, built with optax.
+
+- Pre-training (ViT, iGPT): Adam with decoupled weight decay, linear warm-up, then linear or
+  cosine decay; gradients clipped at global norm 1.
+- Fine-tuning (ViT): SGD with momentum 0.9, clip at 1, warm-up + cosine.
+Gradient accumulation lives in the train step (microbatches scanned inside one jit), not here.
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import optax
+
+OPTIMIZERS = ("adam", "sgd")
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Optimiser and learning-rate schedule; see the module docstring for the recipes."""
+  name: str = "adam"
+  learning_rate: float = 1e-3
+  warmup_steps: int = 0
+  decay: str = "cosine"
+  end_learning_rate: float = 0.0
+  weight_decay: float = 0.0  # AdamW (optax): update -= lr(t) * weight_decay * param; kernels only
+  b1: float = 0.9
+  b2: float = 0.999
+  momentum: float = 0.9
+  grad_clip_norm: Optional[float] = 1.0
+
+
+def check(config: OptimizerConfig, total_steps: int) -> None:
+  """Raises one clear sentence for settings that cannot work."""
+  if config.name not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer.name={config.name!r} is unknown; use one of {OPTIMIZERS}.")
+  if config.decay not in DECAYS:
+    raise ValueError(f"config.optimizer.decay={config.decay!r} is unknown; use one of {DECAYS}.")
+  if config.learning_rate <= 0:
+    raise ValueError(f"config.optimizer.learning_rate={config.learning_rate} must be positive.")
+  if not 0 <= config.warmup_steps <= total_steps:
+    raise ValueError(f"config.optimizer.warmup_steps={config.warmup_steps} must lie in "
+                     f"[0, total steps = {total_steps}].")
+  if config.weight_decay and config.name != "adam":
+    raise ValueError("config.optimizer.weight_decay is only supported with name='adam'; "
+                     "set it to 0 for sgd.")
+
+
+def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to `learning_rate`, then decay to `end_learning_rate`."""
+  decay_steps = max(total_steps - config.warmup_steps, 1)
+  peak, end = config.learning_rate, config.end_learning_rate
+  if config.decay == "cosine":
+    alpha = end / peak
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=alpha)
+  elif config.decay == "linear":
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(peak)
+  if not config.warmup_steps:
+    return decay
+  warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
+  return optax.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+def _kernels_only(params: Any) -> Any:
+  # Decay matrices (kernels, embeddings), not biases, norms' scales or the class token.
+  return jax.tree_util.tree_map(lambda p: p.ndim > 1 and p.size > p.shape[-1], params)
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+  """The optax transformation for `config` over `total_steps` optimiser updates."""
+  check(config, total_steps)
+  schedule = make_schedule(config, total_steps)
+  parts = []
+  if config.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.name == "adam":
+    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2,
+                             weight_decay=config.weight_decay, mask=_kernels_only))
+  else:
+    parts.append(optax.sgd(schedule, momentum=config.momentum))
+  return optax.chain(*parts)

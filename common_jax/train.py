@@ -1,0 +1,297 @@
+"""The one train loop. A task (see `common_jax.task`) supplies the model and the loss; this module
+does the mesh, the sharded state, the jitted step, data feeding, evaluation, metrics and
+checkpoints. It imports no dataset code: data arrives through two factories of numpy batches.
+"""
+
+import contextlib
+import dataclasses
+import signal
+import threading
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from common_jax import checkpoint as checkpoint_lib
+from common_jax import metrics as metrics_lib
+from common_jax import optim
+from common_jax import sharding as sharding_lib
+from common_jax.task import Task
+
+LocalBatch = Dict[str, np.ndarray]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: number of updates applied
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 [2]: base key; step keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """How long to train and how often to log, evaluate and checkpoint."""
+  total_steps: int
+  batch_size: int
+  seed: int = 0
+  accum_steps: int = 1
+  log_every: int = 50
+  eval_every: int = 500  # 0: only at the end
+  checkpoint_every: int = 500  # 0: only at the end (and on SIGTERM/SIGINT)
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+
+
+def check_loop(config: LoopConfig) -> None:
+  """Raises one clear sentence for loop settings that cannot work."""
+  if config.total_steps <= 0:
+    raise ValueError(f"config.total_steps={config.total_steps} must be positive.")
+  if config.accum_steps <= 0 or config.batch_size % config.accum_steps:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                     f"config.accum_steps={config.accum_steps}; use a multiple.")
+  for name in ("log_every", "eval_every", "checkpoint_every"):
+    if getattr(config, name) < 0:
+      raise ValueError(f"config.{name} must be >= 0.")
+
+
+class StopRequest:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.signal_name: Optional[str] = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything jitted and sharded for one task on one mesh (usable without the loop)."""
+  task: Task
+  mesh: jax.sharding.Mesh
+  rules: Sequence[Tuple[str, Any]]
+  tx: optax.GradientTransformation
+  accum_steps: int = 1
+
+  def __post_init__(self):
+    self.model = self.task.build_model()
+    self._dummy = self.task.dummy_batch(1)
+    with self.context():
+      abstract = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
+      self.state_shardings = sharding_lib.logical_shardings(abstract, self.mesh, self.rules)
+    self._batch_sharding = sharding_lib.batch_sharding(self.mesh)
+    self._replicated = sharding_lib.replicated(self.mesh)
+    self.init = jax.jit(lambda rng: nn.meta.unbox(self._init_boxed(rng)),
+                        out_shardings=self.state_shardings)
+    self.train_step = jax.jit(
+        self._train_step, in_shardings=(self.state_shardings, self._batch_sharding),
+        out_shardings=(self.state_shardings, self._replicated), donate_argnums=(0,))
+    self.eval_step = jax.jit(
+        self._eval_step, in_shardings=(self.state_shardings.params, self._batch_sharding),
+        out_shardings=self._replicated)
+
+  @contextlib.contextmanager
+  def context(self):
+    """Mesh and logical-axis rules in scope, for tracing and calling the jitted functions."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(list(self.rules)):
+      yield
+
+  def _init_boxed(self, rng: jax.Array) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    batch = {k: jnp.asarray(v) for k, v in self._dummy.items()}
+    variables = self.task.init_variables(self.model, init_rng, batch)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params), rng=state_rng)
+
+  def _loss(self, params, batch, rng):
+    return self.task.loss_and_metrics(self.model, params, batch, rng, True)
+
+  def _train_step(self, state: TrainState, batch) -> Tuple[TrainState, Dict[str, jax.Array]]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    if self.accum_steps == 1:
+      (loss, metrics), grads = grad_fn(state.params, batch, rng)
+    else:
+      # Microbatch i takes rows i, i+k, i+2k, ...: each device keeps its own rows, no transfer.
+      k = self.accum_steps
+      micro = jax.tree_util.tree_map(
+          lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), batch)
+
+      def accumulate(carry, inputs):
+        index, microbatch = inputs
+        (loss, metrics), grads = grad_fn(state.params, microbatch, jax.random.fold_in(rng, index))
+        return jax.tree_util.tree_map(jnp.add, carry, (loss, metrics, grads)), None
+
+      zeros = jax.tree_util.tree_map(
+          jnp.zeros_like, jax.eval_shape(grad_fn, state.params,
+                                         jax.tree_util.tree_map(lambda x: x[0], micro), rng))
+      zeros = (zeros[0][0], zeros[0][1], zeros[1])
+      (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+      loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / k, (loss, metrics, grads))
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  def _eval_step(self, params, batch) -> Dict[str, jax.Array]:
+    return self.task.eval_sums(self.model, params, batch)
+
+  def evaluate(self, params, batches: Iterable[LocalBatch]) -> Dict[str, float]:
+    """Runs eval_sums over all batches and returns sum / count for every metric."""
+    totals: Dict[str, float] = {}
+    with self.context():
+      for local in batches:
+        sums = self.eval_step(params, sharding_lib.global_batch(local, self.mesh))
+        for key, value in jax.device_get(sums).items():
+          totals[key] = totals.get(key, 0.0) + float(value)
+    count = totals.pop("count", 0.0)
+    if not count:
+      raise ValueError("the evaluation split yielded no examples; check config.eval_split.")
+    return {key: value / count for key, value in totals.items()}
+
+
+def train_and_evaluate(
+    task: Task,
+    *,
+    loop: LoopConfig,
+    optimizer: optim.OptimizerConfig,
+    mesh_config: sharding_lib.MeshConfig,
+    workdir: str,
+    train_data: Callable[[int], Iterator[LocalBatch]],
+    eval_data: Optional[Callable[[], Iterable[LocalBatch]]] = None,
+    rules: Sequence[Tuple[str, Any]] = sharding_lib.DEFAULT_RULES,
+    initial_params: Optional[Callable[[Any], Any]] = None,
+    tensorboard: bool = True,
+) -> Dict[str, Any]:
+  """Trains `task` to `loop.total_steps`, resuming from the latest checkpoint in `workdir`.
+
+  Args:
+    train_data: start_step -> iterator of this process's local batches for steps start_step, ...
+    eval_data: () -> iterable over one pass of local evaluation batches (with "mask").
+    initial_params: host params -> params, applied to a fresh (not resumed) initialisation,
+      e.g. to load pretrained weights.
+
+  Returns:
+    dict with "step", "stopped" (True when a signal ended the run early), "eval" (last
+    evaluation's metrics), "params" (final parameters) and timing in seconds.
+  """
+  start_time = time.perf_counter()
+  check_loop(loop)
+  mesh = sharding_lib.make_mesh(mesh_config)
+  sharding_lib.check_batch_size(loop.batch_size, mesh)
+  if loop.accum_steps > 1:
+    sharding_lib.check_batch_size(loop.batch_size // loop.accum_steps, mesh,
+                                  field="config.batch_size / config.accum_steps")
+  tx = optim.make_optimizer(optimizer, loop.total_steps)
+  schedule = optim.make_schedule(optimizer, loop.total_steps)
+  trainer = Trainer(task=task, mesh=mesh, rules=rules, tx=tx, accum_steps=loop.accum_steps)
+
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=tensorboard)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=loop.keep_checkpoints,
+                                             asynchronous=loop.async_checkpoints)
+  with trainer.context():
+    state = trainer.init(jax.random.PRNGKey(loop.seed))
+  restored_step = checkpointer.latest_step()
+  if restored_step is not None:
+    state = checkpointer.restore(state, restored_step)
+    writer.print(f"resumed from {checkpointer.directory} at step {restored_step}")
+  elif initial_params is not None:
+    params = initial_params(jax.device_get(state.params))
+    params = jax.device_put(params, trainer.state_shardings.params)
+    # Re-initialise the optimiser state around the loaded parameters.
+    state = state.replace(params=params, opt_state=jax.device_put(
+        tx.init(params), trainer.state_shardings.opt_state))
+  step = int(jax.device_get(state.step))
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  writer.print(f"model {type(trainer.model).__name__}: {num_params:,} parameters; mesh "
+               f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+               f"devices; {loop.total_steps} steps of batch {loop.batch_size}")
+
+  def run_eval(at_step: int) -> Dict[str, float]:
+    began = time.perf_counter()
+    results = trainer.evaluate(state.params, eval_data())
+    writer.write(at_step, {f"eval/{k}": v for k, v in results.items()})
+    writer.print(f"eval at step {at_step}: " +
+                 ", ".join(f"{k} {v:.4f}" for k, v in results.items()) +
+                 f" ({time.perf_counter() - began:.1f}s)")
+    return results
+
+  progress = metrics_lib.Progress(loop.total_steps, loop.batch_size)
+  last_eval: Dict[str, float] = {}
+  pending = []
+  stopped = False
+  eval_seconds = 0.0
+  first_step_seconds = None
+  train_iter = train_data(step) if step < loop.total_steps else iter(())
+  with StopRequest() as stop, trainer.context():
+    while step < loop.total_steps:
+      local = next(train_iter)
+      step_began = time.perf_counter()
+      state, step_metrics = trainer.train_step(state, sharding_lib.global_batch(local, mesh))
+      pending.append(step_metrics)
+      step += 1
+      if first_step_seconds is None:
+        jax.block_until_ready(step_metrics)
+        first_step_seconds = time.perf_counter() - step_began  # compile + one step
+        progress.reset(step)
+      if loop.log_every and (step % loop.log_every == 0 or step == loop.total_steps):
+        averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                    for k in pending[0]}
+        pending = []
+        averaged["learning_rate"] = float(schedule(step - 1))
+        rates = progress.rates(step)
+        writer.write(step, {**{f"train/{k}": v for k, v in averaged.items()}, **rates})
+        shown = {k: averaged[k] for k in ("loss",) + tuple(
+            k for k in averaged if k not in ("loss", "grad_norm", "learning_rate"))}
+        writer.print(progress.line(step, shown, rates))
+      final = step == loop.total_steps
+      if loop.checkpoint_every and step % loop.checkpoint_every == 0 or final:
+        checkpointer.save(step, state, force=True)
+      if eval_data is not None and ((loop.eval_every and step % loop.eval_every == 0) or final):
+        began = time.perf_counter()
+        last_eval = run_eval(step)
+        eval_seconds += time.perf_counter() - began
+        progress.reset(step)
+      if stop.requested and not final:
+        checkpointer.save(step, state, force=True)
+        checkpointer.wait()
+        writer.print(f"{stop.signal_name} received: saved a checkpoint at step {step} in "
+                     f"{checkpointer.directory}; run the same command again to resume.")
+        stopped = True
+        break
+  if step >= loop.total_steps and not last_eval and eval_data is not None and not stopped:
+    last_eval = run_eval(step)  # resumed at the end: report the final numbers again
+  checkpointer.wait()
+  checkpointer.close()
+  total_seconds = time.perf_counter() - start_time
+  if not stopped:
+    writer.print(f"done at step {step} in {metrics_lib.format_duration(total_seconds)} "
+                 f"(first step incl. compilation {first_step_seconds or 0:.1f}s, "
+                 f"evaluation {eval_seconds:.1f}s)")
+  writer.close()
+  return {"step": step, "stopped": stopped, "eval": last_eval, "params": state.params,
+          "seconds": total_seconds, "first_step_seconds": first_step_seconds,
+          "eval_seconds": eval_seconds}

@@ -1,0 +1,42 @@
+"""Fields every recipe shares, with their defaults. Recipes start from `base()` and override."""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.task = "vit_classification"
+  config.seed = 0
+
+  # Data: a tfds dataset name ("sklearn_digits", "cifar10", ...) or "image_folder:<root>".
+  config.dataset = "sklearn_digits"
+  config.data_dir = ""  # tfds data_dir; "" = tfds's default (~/tensorflow_datasets)
+  config.manual_dir = ""  # for datasets that need manual download (imagenet2012)
+  config.train_split = "train"
+  config.eval_split = "test"
+  config.num_classes = 10
+  config.image_size = 8
+  config.preprocess_train = "decode|value_range(-1,1)"
+  config.preprocess_eval = "decode|value_range(-1,1)"
+  config.data_workers = 0  # 0 = decode in threads of this process
+
+  config.batch_size = 128  # global, over all devices and processes
+  config.eval_batch_size = 128
+  config.accum_steps = 1  # gradient accumulation: microbatches of batch_size / accum_steps
+  config.total_steps = 1000
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", learning_rate=1e-3, warmup_steps=0, decay="cosine", end_learning_rate=0.0,
+      weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9, grad_clip_norm=1.0))
+
+  # Mesh axis sizes; -1 = the remaining devices. Pure data parallel: data=-1.
+  # FSDP: data=1, fsdp=-1. Both: e.g. data=2, fsdp=-1.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Logical-axis -> mesh-axis rules; empty = common_jax.sharding.DEFAULT_RULES.
+  config.sharding_rules = ()
+
+  config.log_every = 50
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 3
+  return config

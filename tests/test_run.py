@@ -1,0 +1,117 @@
+"""run.py end to end: config errors before compute, SIGTERM + resume is exact, learning works."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import run
+from configs import vit_digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.width=32", "--config.model.depth=1", "--config.model.mlp_dim=64",
+        "--config.model.num_heads=2", "--config.log_every=5", "--config.eval_every=0",
+        "--config.checkpoint_every=0", "--config.optimizer.warmup_steps=10"]
+
+
+def _config(data_dir, **overrides):
+  config = vit_digits.get_config()
+  config.data_dir = str(data_dir)
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.variant": "Q/16"}, "model variant 'Q/16' is unknown"),
+    ({"model.patch_size": 3}, "patch size 3 does not divide image_size 8"),
+    ({"batch_size": 12}, "config.batch_size=12 is not divisible by the 8 data-parallel devices"),
+    ({"dataset": "no_such_dataset"}, "config.dataset"),
+    ({"optimizer.name": "lamb"}, "config.optimizer.name='lamb' is unknown"),
+    ({"mesh.data": 3}, "config.mesh"),
+])
+def test_bad_configs_fail_before_compute(tmp_path, overrides, message):
+  workdir = tmp_path / "workdir"
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    run.make_plan(_config(tmp_path / "data", **overrides), str(workdir))
+  assert not workdir.exists()  # nothing was written
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ValueError, match="--workdir .* is not writable"):
+    run.make_plan(_config(tmp_path / "data"), str(blocker / "workdir"))
+
+
+def _run(workdir, data_dir, *extra, wait=True):
+  command = [sys.executable, os.path.join(ROOT, "run.py"), f"--workdir={workdir}",
+             f"--config.data_dir={data_dir}", *TINY, *extra]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2")
+  if not wait:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=ROOT)
+  return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT,
+                        timeout=600)
+
+
+def test_error_is_one_sentence_and_exit_code_2(tmp_path):
+  result = _run(tmp_path / "w", tmp_path / "data", "--config.batch_size=7")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: config.batch_size=7 is not divisible by the 2 data-parallel devices "
+      "(mesh data x fsdp = 2 x 1); use a multiple of 2.")
+  assert not (tmp_path / "w").exists()
+
+
+def _params(workdir, step):
+  with ocp.StandardCheckpointer() as checkpointer:
+    state = checkpointer.restore(os.path.join(workdir, "checkpoints", str(step), "default"))
+  return state["params"]
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_matches_an_unbroken_run(tmp_path):
+  steps = ["--config.total_steps=150", "--config.model.dropout_rate=0.1"]
+  data_dir = tmp_path / "data"
+  unbroken = _run(tmp_path / "unbroken", data_dir, *steps)
+  assert unbroken.returncode == 0, unbroken.stdout + unbroken.stderr
+
+  process = _run(tmp_path / "broken", data_dir, *steps, wait=False)
+  for line in process.stdout:
+    if line.startswith("step 20/"):
+      process.send_signal(signal.SIGTERM)
+      break
+  output = process.stdout.read()
+  assert process.wait(timeout=300) == 0
+  assert "SIGTERM received: saved a checkpoint at step" in output
+  stopped_at = int(output.split("saved a checkpoint at step ")[1].split()[0])
+  assert 20 <= stopped_at < 150
+  assert os.listdir(tmp_path / "broken" / "checkpoints") == [str(stopped_at)]
+
+  resumed = _run(tmp_path / "broken", data_dir, *steps)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert f"resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
+
+  expected, actual = _params(tmp_path / "unbroken", 150), _params(tmp_path / "broken", 150)
+  flat_expected = ocp.tree.to_flat_dict(expected)
+  flat_actual = ocp.tree.to_flat_dict(actual)
+  assert flat_expected.keys() == flat_actual.keys()
+  for key in flat_expected:
+    np.testing.assert_array_equal(flat_actual[key], flat_expected[key], err_msg=str(key))
+
+  # The unbroken run learned something and logged it where users look.
+  records = [json.loads(line) for line in open(tmp_path / "unbroken" / "metrics.jsonl")]
+  losses = [r["train/loss"] for r in records if "train/loss" in r]
+  assert losses[-1] < 0.85 * losses[0]
+  result = json.load(open(tmp_path / "unbroken" / "result.json"))
+  assert result["step"] == 150 and result["accuracy"] > 0.2  # chance is 0.1

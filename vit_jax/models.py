@@ -1,0 +1,283 @@
+"""Vision Transformer (Dosovitskiy et al., 2021) as pure Flax modules.
+
+Parameter names and shapes follow the official checkpoints, so published `.npz` files load as
+they are:
+
+  embedding/{kernel,bias}                      patch projection, kernel [P, P, 3, width]
+  cls                                          [1, 1, width] (classifier="token" only)
+  Transformer/posembed_input/pos_embedding     [1, tokens (+1 for the class token), width]
+  Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_1/{query,key,value,out},
+                               LayerNorm_2, MlpBlock_3/Dense_{0,1}
+  Transformer/encoder_norm
+  pre_logits/{kernel,bias}                     only with representation_size
+  head/{kernel,bias}                           zero-initialised
+"""
+
+import dataclasses
+import functools
+import re
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common_jax import layers
+
+Dtype = Any
+
+CLASSIFIERS = ("token", "gap")
+POSEMBS = ("learn", "sincos2d", "none")
+
+# Widths, depths, MLP sizes and heads of the paper's Table 1 (plus Ti and S from DeiT/AugReg).
+SIZES = {
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+}
+_VARIANT = re.compile(r"^(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
+
+
+def parse_variant(variant: str) -> dict:
+  """"B/16" -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+  match = _VARIANT.match(variant or "")
+  if not match or match.group("size") not in SIZES:
+    raise ValueError(
+        f"model variant {variant!r} is unknown; use '<size>/<patch>' with size in "
+        f"{', '.join(SIZES)} (e.g. 'B/16'), or 'custom' with explicit width/depth/mlp_dim/"
+        "num_heads/patch_size.")
+  return dict(SIZES[match.group("size")], patch_size=int(match.group("patch")))
+
+
+def posemb_sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding [1, height * width, dim] (as in big_vision)."""
+  if dim % 4:
+    raise ValueError(f"width {dim} must be a multiple of 4 for posemb='sincos2d'.")
+  y, x = np.mgrid[:height, :width]
+  omega = np.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1)
+  omega = 1. / (temperature**omega)
+  y = np.einsum("m,d->md", y.flatten(), omega)
+  x = np.einsum("m,d->md", x.flatten(), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return pe[None].astype(np.float32)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds a learned position embedding `pos_embedding` [1, length, width]."""
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = layers.param_with_axes(nn.initializers.normal(stddev=0.02), (None, None, "embed"))
+    pe = self.param("pos_embedding", init, (1, x.shape[1], x.shape[2]), self.param_dtype)
+    return x + pe.astype(x.dtype)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LayerNorm Transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+  attention_implementation: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
+    norm = functools.partial(
+        nn.LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype,
+        scale_init=layers.param_with_axes(nn.initializers.ones, ("embed",)),
+        bias_init=layers.param_with_axes(nn.initializers.zeros, ("embed",)))
+    x = norm(name="LayerNorm_0")(inputs)
+    x = layers.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+        implementation=self.attention_implementation,
+        name="MultiHeadDotProductAttention_1")(x, deterministic=deterministic)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = x + inputs
+    y = norm(name="LayerNorm_2")(x)
+    y = layers.MlpBlock(
+        mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+        dropout_rate=self.dropout_rate,
+        activation=functools.partial(nn.gelu, approximate=self.gelu_approximate),
+        name="MlpBlock_3")(y, deterministic=deterministic)
+    return x + y
+
+
+class Encoder(nn.Module):
+  """Position embeddings, dropout, `depth` blocks and the final LayerNorm `encoder_norm`."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  add_learned_posemb: bool = True
+  gelu_approximate: bool = True
+  attention_implementation: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    if self.add_learned_posemb:
+      x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    for i in range(self.depth):
+      x = Encoder1DBlock(
+          mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
+          param_dtype=self.param_dtype, dropout_rate=self.dropout_rate,
+          gelu_approximate=self.gelu_approximate,
+          attention_implementation=self.attention_implementation,
+          name=f"encoderblock_{i}")(x, deterministic=deterministic)
+    return nn.LayerNorm(
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        scale_init=layers.param_with_axes(nn.initializers.ones, ("embed",)),
+        bias_init=layers.param_with_axes(nn.initializers.zeros, ("embed",)),
+        name="encoder_norm")(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier.
+
+  `__call__(images, train=False)`: images [batch, height, width, 3] float in [-1, 1] ->
+  logits [batch, num_classes] float32. With `num_classes=0` it returns the pre-head
+  representation [batch, width or representation_size].
+  """
+  num_classes: int
+  patch_size: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  image_size: int = 224
+  classifier: str = "token"
+  posemb: str = "learn"
+  representation_size: Optional[int] = None
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  gelu_approximate: bool = True
+  attention_implementation: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    deterministic = not train
+    x = images.astype(self.dtype)
+    x = nn.Conv(
+        features=self.width,
+        kernel_size=(self.patch_size, self.patch_size),
+        strides=(self.patch_size, self.patch_size),
+        padding="VALID",
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=layers.param_with_axes(nn.initializers.lecun_normal(),
+                                           (None, None, None, "embed")),
+        bias_init=layers.param_with_axes(nn.initializers.zeros, ("embed",)),
+        name="embedding")(x)
+    batch, grid_h, grid_w, channels = x.shape
+    x = jnp.reshape(x, (batch, grid_h * grid_w, channels))
+    if self.posemb == "sincos2d":
+      x = x + posemb_sincos_2d(grid_h, grid_w, channels).astype(x.dtype)
+    if self.classifier == "token":
+      cls = self.param("cls", layers.param_with_axes(nn.initializers.zeros, (None, None, "embed")),
+                       (1, 1, channels), self.param_dtype)
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
+    x = layers.constrain(x, ("batch", "length", "embed"))
+    x = Encoder(
+        depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
+        param_dtype=self.param_dtype, dropout_rate=self.dropout_rate,
+        add_learned_posemb=self.posemb == "learn", gelu_approximate=self.gelu_approximate,
+        attention_implementation=self.attention_implementation,
+        name="Transformer")(x, deterministic=deterministic)
+    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.representation_size:
+      x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=layers.param_with_axes(nn.initializers.lecun_normal(),
+                                                      ("embed", None)),
+                   bias_init=layers.param_with_axes(nn.initializers.zeros, (None,)),
+                   name="pre_logits")(x)
+      x = jnp.tanh(x)
+    if not self.num_classes:
+      return x
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=layers.param_with_axes(nn.initializers.zeros, (None, "classes")),
+                 bias_init=layers.param_with_axes(nn.initializers.zeros, ("classes",)),
+                 name="head")(x)
+    return x.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The numbers that define a ViT's shape."""
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int
+
+
+def resolve_spec(variant: str, **overrides: Any) -> ModelSpec:
+  """Variant name plus explicit overrides (None = keep) -> ModelSpec.
+
+  `variant="custom"` takes all five numbers from `overrides`.
+  """
+  fields = {f.name for f in dataclasses.fields(ModelSpec)}
+  unknown = set(overrides) - fields
+  if unknown:
+    raise ValueError(f"unknown model shape option(s) {sorted(unknown)}; use {sorted(fields)}.")
+  if variant == "custom":
+    base = {}
+  else:
+    base = parse_variant(variant)
+  base.update({k: v for k, v in overrides.items() if v is not None})
+  missing = fields - set(base)
+  if missing:
+    raise ValueError(f"variant='custom' needs {sorted(missing)} set in the model config.")
+  spec = ModelSpec(**{k: int(base[k]) for k in fields})
+  if spec.width % spec.num_heads:
+    raise ValueError(f"model width {spec.width} is not divisible by num_heads "
+                     f"{spec.num_heads}; change one of them.")
+  return spec
+
+
+def check_options(*, image_size: int, patch_size: int, classifier: str, posemb: str) -> None:
+  """Raises one clear ValueError for option combinations that cannot work."""
+  if classifier not in CLASSIFIERS:
+    raise ValueError(f"classifier={classifier!r} is unknown; use one of {CLASSIFIERS}.")
+  if posemb not in POSEMBS:
+    raise ValueError(f"posemb={posemb!r} is unknown; use one of {POSEMBS}.")
+  if patch_size <= 0 or image_size % patch_size:
+    raise ValueError(f"patch size {patch_size} does not divide image_size {image_size}; choose "
+                     "an image_size that is a multiple of the patch size.")
+
+
+def create_model(variant: str = "B/16", *, num_classes: int = 1000, image_size: int = 224,
+                 classifier: str = "token", posemb: str = "learn",
+                 representation_size: Optional[int] = None, dropout_rate: float = 0.0,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                 gelu_approximate: bool = True, attention_implementation: Optional[str] = None,
+                 **shape_overrides: Any) -> VisionTransformer:
+  """Builds a ViT by variant name ("B/16", "Ti/4", ...) or "custom" with explicit shape.
+
+  Shape overrides (`width`, `depth`, `mlp_dim`, `num_heads`, `patch_size`) replace the
+  variant's numbers, e.g. `create_model("Ti/4", depth=4)`.
+  """
+  spec = resolve_spec(variant, **shape_overrides)
+  check_options(image_size=image_size, patch_size=spec.patch_size, classifier=classifier,
+                posemb=posemb)
+  return VisionTransformer(
+      num_classes=num_classes, patch_size=spec.patch_size, width=spec.width, depth=spec.depth,
+      mlp_dim=spec.mlp_dim, num_heads=spec.num_heads, image_size=image_size,
+      classifier=classifier, posemb=posemb, representation_size=representation_size,
+      dropout_rate=dropout_rate, dtype=dtype, param_dtype=param_dtype,
+      gelu_approximate=gelu_approximate, attention_implementation=attention_implementation)
+
+
+def abstract_variables(model: VisionTransformer, batch_size: int = 1) -> Any:
+  """Parameter shapes via `jax.eval_shape` (no memory spent)."""
+  images = jax.ShapeDtypeStruct((batch_size, model.image_size, model.image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)

@@ -1,0 +1,56 @@
+"""ViT tasks of the shared loop."""
+
+import dataclasses
+from typing import Any, Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from common_jax.task import Task
+from vit_jax import models
+
+
+@dataclasses.dataclass
+class ClassificationTask(Task):
+  """Supervised image classification with softmax cross-entropy (the paper's fine-tuning loss).
+
+  `model_options` are the keyword arguments of `vit_jax.create_model` besides the variant.
+  """
+  variant: str
+  num_classes: int
+  image_size: int
+  model_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  label_smoothing: float = 0.0
+  headline_metric: str = "accuracy"
+
+  def build_model(self) -> nn.Module:
+    return models.create_model(self.variant, num_classes=self.num_classes,
+                               image_size=self.image_size, **self.model_options)
+
+  def dummy_batch(self, batch_size: int) -> Dict[str, np.ndarray]:
+    return {"image": np.zeros((batch_size, self.image_size, self.image_size, 3), np.float32),
+            "label": np.zeros((batch_size,), np.int32)}
+
+  def _targets(self, labels: jax.Array) -> jax.Array:
+    targets = jax.nn.one_hot(labels, self.num_classes)
+    if self.label_smoothing:
+      targets = optax.smooth_labels(targets, self.label_smoothing)
+    return targets
+
+  def loss_and_metrics(self, model, params, batch, rng, train) -> Tuple[jax.Array, Dict]:
+    logits = model.apply({"params": params}, batch["image"], train=train,
+                         rngs={"dropout": rng})
+    loss = optax.softmax_cross_entropy(logits, self._targets(batch["label"])).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return loss, {"accuracy": accuracy}
+
+  def eval_sums(self, model, params, batch) -> Dict[str, jax.Array]:
+    logits = model.apply({"params": params}, batch["image"], train=False)
+    mask = batch["mask"]
+    loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], self.num_classes))
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"accuracy": jnp.sum(correct * mask), "loss": jnp.sum(loss * mask),
+            "count": jnp.sum(mask)}
