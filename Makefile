@@ -1,22 +1,27 @@
 # The two commands of the README. Both create the virtual environment .venv/ when missing.
 #   make train   set up, then run the default job (ViT on the bundled digits)
-#   make test    set up, then run the test suite (CPU, 8 simulated devices)
+#   make test    set up (with the test and interop extras), then run the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
 .PHONY: train test setup
 
-train: $(VENV)/.installed
+train: $(VENV)/.base
 	$(PY) run.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.test
 	$(PY) -m pytest -q
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.base
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# torch, timm and transformers for the cross-framework parity tests (a large download).
+$(VENV)/.test: $(VENV)/.base
+	$(PY) -m pip install --quiet -e ".[test,interop]"
 	touch $@

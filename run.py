@@ -22,13 +22,20 @@ from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "vit_digits.py")
-MODES = ("train", "eval", "plan")
+MODES = ("train", "eval", "plan", "palette", "sample", "probe", "export")
+EXPORT_FORMATS = ("npz", "safetensors", "hf")
+IGPT_TASKS = ("igpt_ar", "igpt_bert", "igpt_finetune")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Recipe file (configs/*.py), optionally with ':args'.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints and metrics go (default: workdirs/<recipe name>).")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do with the config.")
+_FORMAT = flags.DEFINE_enum(
+    "format", "npz", EXPORT_FORMATS,
+    "--mode export: npz (official ViT layout), safetensors (timm names) or hf (Hugging Face "
+    "ImageGPT directory).")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode export: the file (or directory) to write.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "jax_distributed", False,
     "Call jax.distributed.initialize() first (multi-host; arguments auto-detected on TPU, "
@@ -62,9 +69,10 @@ def _section(cls, values, field: str):
   return cls(**values)
 
 
-def build_task(config):
-  """The task named by config.task, with the model options of config.model."""
+def _model_options(config) -> Dict[str, Any]:
+  """config.model without `variant`, with dtypes resolved and ""/0 meaning None."""
   model = dict(config.model)
+  model.pop("variant")
   for key in ("dtype", "param_dtype"):
     if key in model:
       model[key] = _dtype(model[key])
@@ -73,14 +81,49 @@ def build_task(config):
     model["attention_implementation"] = model["attention_implementation"] or None
   if "representation_size" in model:
     model["representation_size"] = model["representation_size"] or None
+  return model
+
+
+def palette_path(config, workdir: str) -> str:
+  """config.palette, or <workdir>/palette.npy when it is empty."""
+  return config.palette or os.path.join(workdir, "palette.npy")
+
+
+def task_factory(config, workdir: str) -> Callable[[], Any]:
+  """Validates the model options now and returns a function that builds the task.
+
+  iGPT tasks need the palette file, which may not exist yet when the plan is made (the palette
+  mode, or a train run that fits it first, writes it).
+  """
+  options = _model_options(config)
+  variant = config.model.variant
   if config.task == "vit_classification":
     from vit_jax import tasks  # pylint: disable=g-import-not-at-top
-    variant = model.pop("variant")
     task = tasks.ClassificationTask(variant=variant, num_classes=config.num_classes,
-                                    image_size=config.image_size, model_options=model)
+                                    image_size=config.image_size, model_options=options)
     task.build_model()  # validates variant, patch size, classifier, posemb
-    return task
-  raise ConfigError(f"config.task={config.task!r} is unknown; use 'vit_classification'.")
+    return lambda: task
+  if config.task in IGPT_TASKS:
+    import igpt_jax  # pylint: disable=g-import-not-at-top
+    from igpt_jax import tasks  # pylint: disable=g-import-not-at-top
+    num_classes = config.num_classes if config.task == "igpt_finetune" else 0
+    igpt_jax.create_model(variant, image_size=config.image_size,
+                          num_clusters=config.palette_clusters, num_classes=num_classes,
+                          **options)  # validates the shape options before anything runs
+
+    def build():
+      palette = igpt_jax.load_palette(palette_path(config, workdir),
+                                      num_clusters=config.palette_clusters)
+      common = dict(variant=variant, image_size=config.image_size, model_options=options)
+      if config.task == "igpt_ar":
+        return tasks.AutoregressiveTask(palette, **common)
+      if config.task == "igpt_bert":
+        return tasks.BertTask(palette, mask_prob=config.mask_prob, **common)
+      return tasks.FineTuneTask(palette, config.num_classes, objective=config.objective,
+                                mask_prob=config.mask_prob, **common)
+    return build
+  raise ConfigError(f"config.task={config.task!r} is unknown; use 'vit_classification' or one "
+                    f"of {IGPT_TASKS}.")
 
 
 def check_workdir(workdir: str) -> None:
@@ -97,7 +140,7 @@ def check_workdir(workdir: str) -> None:
 @dataclasses.dataclass
 class Plan:
   """Everything a run needs, validated, before any compute."""
-  task: Any
+  make_task: Callable[[], Any]
   loop: Any
   optimizer: Any
   mesh: Any
@@ -105,6 +148,13 @@ class Plan:
   train_data: Callable
   eval_data: Callable
   initial_params: Optional[Callable] = None
+  _task: Any = None
+
+  @property
+  def task(self):
+    if self._task is None:
+      self._task = self.make_task()
+    return self._task
 
 
 def make_plan(config, workdir: str) -> Plan:
@@ -112,7 +162,7 @@ def make_plan(config, workdir: str) -> Plan:
   import jax  # pylint: disable=g-import-not-at-top
   from common_jax import data, optim, sharding, train  # pylint: disable=g-import-not-at-top
 
-  task = build_task(config)
+  make_task = task_factory(config, workdir)
   loop = train.LoopConfig(
       total_steps=config.total_steps, batch_size=config.batch_size, seed=config.seed,
       accum_steps=config.accum_steps, log_every=config.log_every,
@@ -144,28 +194,46 @@ def make_plan(config, workdir: str) -> Plan:
         process_index=jax.process_index(), process_count=jax.process_count(),
         worker_count=config.data_workers, **data_args)
 
-  def eval_data():
+  def eval_data(split: Optional[str] = None):
     return data.eval_iterator(
-        split=config.eval_split, preprocess=config.preprocess_eval,
+        split=split or config.eval_split, preprocess=config.preprocess_eval,
         global_batch_size=config.eval_batch_size, process_index=jax.process_index(),
         process_count=jax.process_count(), **data_args)
 
-  return Plan(task=task, loop=loop, optimizer=optimizer, mesh=mesh_config, rules=rules,
+  initial_params = None
+  if config.task == "vit_classification" and config.init_from:
+    from vit_jax import interop  # pylint: disable=g-import-not-at-top
+    # Checks names and shapes against the file now, before any compute.
+    initial_params = interop.pretrained_initializer(config.init_from, make_task().build_model())
+  return Plan(make_task=make_task, initial_params=initial_params, loop=loop, optimizer=optimizer,
+              mesh=mesh_config, rules=rules,
               train_data=train_data, eval_data=eval_data)
 
 
-def describe(plan: Plan, workdir: str) -> str:
+def describe(config, plan: Plan, workdir: str) -> str:
+  """One line: model size, mesh, steps, workdir (parameter shapes via jax.eval_shape)."""
   import jax  # pylint: disable=g-import-not-at-top
   from common_jax import layers, sharding  # pylint: disable=g-import-not-at-top
-  model = plan.task.build_model()
-  dummy = plan.task.dummy_batch(1)
-  shapes = jax.eval_shape(lambda b: plan.task.init_variables(model, jax.random.PRNGKey(0), b),
-                          {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dummy.items()})
+  if config.task in IGPT_TASKS and not os.path.exists(palette_path(config, workdir)):
+    import igpt_jax  # pylint: disable=g-import-not-at-top
+    num_classes = config.num_classes if config.task == "igpt_finetune" else 0
+    model = igpt_jax.create_model(config.model.variant, image_size=config.image_size,
+                                  num_clusters=config.palette_clusters,
+                                  num_classes=num_classes, **_model_options(config))
+    shapes = igpt_jax.models.abstract_variables(model)
+    note = f"; palette {palette_path(config, workdir)} not fitted yet (train fits it first)"
+  else:
+    model = plan.task.build_model()
+    dummy = plan.task.dummy_batch(1)
+    shapes = jax.eval_shape(
+        lambda b: plan.task.init_variables(model, jax.random.PRNGKey(0), b),
+        {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dummy.items()})
+    note = ""
   mesh = sharding.make_mesh(plan.mesh)
   return (f"plan OK: {type(model).__name__} with {layers.count_params(shapes['params']):,} "
           f"parameters; mesh {dict(mesh.shape)} over {jax.device_count()} devices; "
           f"{plan.loop.total_steps} steps of global batch {plan.loop.batch_size}; "
-          f"workdir {workdir}")
+          f"workdir {workdir}{note}")
 
 
 def main(argv) -> int:
@@ -181,19 +249,41 @@ def main(argv) -> int:
   config_path = flags.FLAGS["config"].config_filename
   recipe = os.path.splitext(os.path.basename(config_path))[0]
   workdir = os.path.abspath(_WORKDIR.value or os.path.join(ROOT, "workdirs", recipe))
+  if _MODE.value == "export":
+    return _export(config, workdir)
   try:
     plan = make_plan(config, workdir)
   except ValueError as error:  # ConfigError and the checks of the packages below run.py
     print(f"error: {error}", file=sys.stderr)
     return 2
-  if _MODE.value == "plan":
-    print(describe(plan, workdir))
-    return 0
+  mode = _MODE.value
+  try:
+    if config.task in IGPT_TASKS:
+      if mode == "palette" or (mode == "train" and not config.palette and
+                               not os.path.exists(palette_path(config, workdir))):
+        _fit_palette(config, plan, workdir)
+        if mode == "palette":
+          return 0
+      if config.init_from and config.task == "igpt_finetune" and mode == "train":
+        plan.initial_params = _pretrained_initializer(config.init_from)
+    elif mode in ("palette", "sample", "probe"):
+      raise ConfigError(f"--mode {mode} is for the iGPT tasks {IGPT_TASKS}; config.task is "
+                        f"{config.task!r}.")
+    if mode == "plan":
+      print(describe(config, plan, workdir))
+      return 0
+    if mode == "sample":
+      return _sample(config, plan, workdir)
+    if mode == "probe":
+      return _probe(config, plan, workdir)
+    if mode == "eval":
+      return _evaluate(plan, workdir)
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
   from common_jax import train  # pylint: disable=g-import-not-at-top
-  if _MODE.value == "eval":
-    return _evaluate(plan, workdir)
   result = train.train_and_evaluate(
       plan.task, loop=plan.loop, optimizer=plan.optimizer, mesh_config=plan.mesh,
       workdir=workdir, train_data=plan.train_data, eval_data=plan.eval_data, rules=plan.rules,
@@ -206,6 +296,176 @@ def main(argv) -> int:
       json.dump(dict(summary, eval=result["eval"]), f, indent=2)
     print(f"final {headline}: {result['eval'].get(headline, float('nan')):.4f} "
           f"(results in {os.path.join(workdir, 'result.json')})")
+  return 0
+
+
+def _params_of(workdir: str) -> Any:
+  """Host parameters of the latest checkpoint in `workdir`."""
+  from common_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.Checkpointer(workdir, read_only=True).read_numpy()["params"]
+
+
+def _pretrained_initializer(source_workdir: str) -> Callable[[Any], Any]:
+  """fresh params -> fresh params with every parameter present in `source_workdir` replaced.
+
+  New parameters (e.g. a fine-tuning head) keep their initialisation; shapes must agree.
+  """
+  import flax  # pylint: disable=g-import-not-at-top
+
+  def initialize(fresh):
+    pretrained = flax.traverse_util.flatten_dict(_params_of(source_workdir), sep="/")
+    flat = flax.traverse_util.flatten_dict(fresh, sep="/")
+    for key, value in pretrained.items():
+      if key not in flat:
+        continue
+      if flat[key].shape != value.shape:
+        raise ValueError(f"config.init_from={source_workdir}: parameter {key} has shape "
+                         f"{value.shape} there but {flat[key].shape} in this model; use the "
+                         "same model options as the pre-training run.")
+      flat[key] = value.astype(flat[key].dtype)
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
+  return initialize
+
+
+def _collect(batches, limit: Optional[int] = None):
+  """Concatenates eval batches (real rows only) -> (images, labels)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  images, labels, count = [], [], 0
+  for batch in batches:
+    real = batch["mask"] > 0
+    images.append(batch["image"][real])
+    labels.append(batch["label"][real])
+    count += int(real.sum())
+    if limit is not None and count >= limit:
+      break
+  return np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
+
+
+def _fit_palette(config, plan: Plan, workdir: str) -> str:
+  """Fits the k-means palette on the train split and writes it; returns the path."""
+  import igpt_jax  # pylint: disable=g-import-not-at-top
+  path = palette_path(config, workdir)
+  pixels_per_image = config.image_size**2
+  images, _ = _collect(plan.eval_data(config.train_split),
+                       limit=max(1, config.palette_max_pixels // pixels_per_image))
+  print(f"fitting a {config.palette_clusters}-colour palette on {len(images) * pixels_per_image:,}"
+        f" pixels of {config.dataset}:{config.train_split} ...", flush=True)
+  centres = igpt_jax.fit_palette(images, config.palette_clusters,
+                                 iterations=config.palette_iterations, seed=config.seed,
+                                 max_pixels=config.palette_max_pixels)
+  igpt_jax.save_palette(path, centres)
+  # The reference for bits per token: a model that ignores context needs the unigram entropy.
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  ids = np.asarray(igpt_jax.quantize(images, centres)).ravel()
+  frequencies = np.bincount(ids, minlength=len(centres)) / ids.size
+  entropy = float(-np.sum(frequencies[frequencies > 0] * np.log2(frequencies[frequencies > 0])))
+  with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as f:
+    json.dump({"unigram_entropy_bits": entropy, "num_clusters": len(centres),
+               "pixels": int(ids.size)}, f, indent=2)
+  print(f"palette written to {path}; unigram entropy of its ids on the train split: "
+        f"{entropy:.3f} bits per token")
+  return path
+
+
+def _sample(config, plan: Plan, workdir: str) -> int:
+  """Unconditional samples and half-image completions of test images, as PNG grids."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import igpt_jax  # pylint: disable=g-import-not-at-top
+  from igpt_jax import sampling  # pylint: disable=g-import-not-at-top
+  task = plan.task
+  model = task.build_model()
+  if not model.causal:
+    raise ConfigError(f"--mode sample needs an autoregressive model; config.task is "
+                      f"{config.task!r}, use 'igpt_ar'.")
+  variables = {"params": _params_of(config.init_from or workdir)}
+  options = config.sample
+  top_k = options.top_k or None
+  rng = jax.random.PRNGKey(options.seed)
+  images, _ = _collect(plan.eval_data(), limit=options.num_images)
+  originals = np.asarray(task.token_ids({"image": images}))
+  prompt_len = int(options.prompt_fraction * originals.shape[1])
+  prompt = np.repeat(originals[:, :prompt_len], options.num_samples, axis=0)
+  completions = sampling.sample(model, variables, rng, prompt=prompt,
+                                temperature=options.temperature, top_k=top_k)
+  completions = np.asarray(completions).reshape(len(originals), options.num_samples, -1)
+  completion_path = os.path.join(workdir, "completions.png")
+  sampling.save_sample_grid(completion_path, task.palette, completions, originals=originals,
+                            prompt_len=prompt_len)
+  unconditional = sampling.sample(model, variables, jax.random.fold_in(rng, 1),
+                                  num_samples=len(originals) * options.num_samples,
+                                  temperature=options.temperature, top_k=top_k)
+  unconditional_path = os.path.join(workdir, "samples.png")
+  sampling.save_sample_grid(unconditional_path, task.palette, np.asarray(unconditional).reshape(
+      len(originals), options.num_samples, -1))
+  print(f"completions (prompt | {options.num_samples} samples | original) written to "
+        f"{completion_path}; unconditional samples to {unconditional_path}")
+  return 0
+
+
+def _probe(config, plan: Plan, workdir: str) -> int:
+  """Linear probes on the pooled features of each layer, and on the raw quantised pixels."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from igpt_jax import probe  # pylint: disable=g-import-not-at-top
+  task = plan.task
+  model = task.build_model()
+  layers = list(config.probe_layers) or list(range(model.depth + 1))
+  for layer in layers:
+    model.check_layer(layer)
+  variables = {"params": _params_of(config.init_from or workdir)}
+  splits = {}
+  for split in (config.train_split, config.eval_split):
+    images, labels = _collect(plan.eval_data(split))
+    ids = np.asarray(task.token_ids({"image": images}))
+    features = probe.extract_features(model, variables, ids, layers=layers,
+                                      batch_size=config.eval_batch_size)
+    splits[split] = (ids, labels, features)
+  (train_ids, train_labels, train_features) = splits[config.train_split]
+  (test_ids, test_labels, test_features) = splits[config.eval_split]
+  results = probe.probe_layers(train_features, train_labels, test_features, test_labels,
+                               layers=layers, num_classes=config.num_classes, l2=config.probe_l2)
+  baseline = probe.pixel_probe(train_ids, train_labels, test_ids, test_labels, task.palette,
+                               num_classes=config.num_classes, l2=config.probe_l2)
+  print(f"{'layer':>6} {'train acc':>10} {'test acc':>10}")
+  for row in results:
+    print(f"{row['layer']:>6} {row['train_accuracy']:>10.4f} {row['test_accuracy']:>10.4f}")
+  best = max(results, key=lambda row: row["test_accuracy"])
+  print(f"{'pixels':>6} {baseline['train_accuracy']:>10.4f} {baseline['test_accuracy']:>10.4f}"
+        "   (same linear probe on the raw quantised pixels)")
+  print(f"best layer {best['layer']}: test accuracy {best['test_accuracy']:.4f} vs "
+        f"{baseline['test_accuracy']:.4f} on raw pixels")
+  report = {"layers": [{k: float(v) if k != "layer" else int(v) for k, v in row.items()
+                        if k in ("layer", "train_accuracy", "test_accuracy")} for row in results],
+            "pixels": {k: float(baseline[k]) for k in ("train_accuracy", "test_accuracy")},
+            "best_layer": int(best["layer"]), "classifier": "ridge regression (closed form)"}
+  with open(os.path.join(workdir, "probe.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  return 0
+
+
+def _export(config, workdir: str) -> int:
+  """Writes the latest checkpoint of `workdir` in another format; the workdir is only read."""
+  try:
+    if not _OUTPUT.value:
+      raise ConfigError("--mode export needs --output=<file or directory>.")
+    model = task_factory(config, workdir)().build_model()
+    output = os.path.abspath(_OUTPUT.value)
+    if config.task == "vit_classification":
+      if _FORMAT.value == "hf":
+        raise ConfigError("--format hf is for iGPT; export a ViT as npz or safetensors.")
+      from vit_jax import interop  # pylint: disable=g-import-not-at-top
+      path = interop.export_from_checkpoint(workdir, model, output, _FORMAT.value)
+    else:
+      if _FORMAT.value != "hf":
+        raise ConfigError(f"--format {_FORMAT.value} is for ViT; export an iGPT as hf.")
+      from igpt_jax import interop  # pylint: disable=g-import-not-at-top
+      import igpt_jax  # pylint: disable=g-import-not-at-top
+      clusters = igpt_jax.load_palette(palette_path(config, workdir))
+      path = interop.export_hf_from_checkpoint(workdir, model, output, clusters)
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  print(f"exported the latest checkpoint of {workdir} to {path}")
   return 0
 
 

@@ -6,7 +6,12 @@ no-cache decoder recomputes the full forward pass for every position, so its cos
 square of the sequence length; the cache decoder runs one single-token step per position.
 
   python benchmarks/igpt_sampling.py                      # width 128, 4 layers, 32x32, batch 1
-  python benchmarks/igpt_sampling.py --width 256 --depth 6 --batch 4
+  python benchmarks/igpt_sampling.py --width 256 --depth 6 --num_heads 8 --batch 4 \
+      --no_cache_positions 32
+
+Measured on 2 shared CPU cores (jax 0.10.2, CPU; timings vary with load): the default run takes
+under a minute; the cache decoder samples 1024 tokens in 0.33-0.47 s, the no-cache one in
+44-47 s, a 95-134x speed-up, with identical tokens. The second command gave 73x (extrapolated).
 
 With `--no_cache_positions N` the no-cache decoder samples only the last N positions (the rest is
 a prompt) and its full-image time is extrapolated as time * length / N; the output says so.

@@ -35,8 +35,32 @@ def base() -> ml_collections.ConfigDict:
   # Logical-axis -> mesh-axis rules; empty = common_jax.sharding.DEFAULT_RULES.
   config.sharding_rules = ()
 
+  # Pre-trained weights: the workdir of an earlier run (its latest checkpoint), or for ViT an
+  # official .npz or a timm .safetensors file; "" = train from scratch.
+  config.init_from = ""
+
   config.log_every = 50
   config.eval_every = 500
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
+  return config
+
+
+def add_igpt_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fields of the iGPT tasks and of the palette, sample and probe modes."""
+  config.palette = ""  # [k, 3] .npy colour centres; "" = <workdir>/palette.npy
+  config.palette_clusters = 512  # k of the k-means palette
+  config.palette_iterations = 20  # Lloyd iterations of the palette mode
+  config.palette_max_pixels = 2**20  # pixels of the train split the palette is fitted on
+  config.mask_prob = 0.15  # BERT: each position masked independently with this probability
+  config.objective = "autoregressive"  # igpt_finetune: L_GEN of "autoregressive" or "bert"
+  config.probe_layers = ()  # probe mode: layers in [0, depth]; () = all
+  config.probe_l2 = 1e-3  # probe mode: ridge penalty
+  config.sample = ml_collections.ConfigDict(dict(
+      num_images=8,  # test images whose top half is the prompt
+      num_samples=4,  # completions per image
+      prompt_fraction=0.5,  # share of the raster sequence given as prompt
+      temperature=1.0,
+      top_k=0,  # 0 = sample from all clusters
+      seed=0))
   return config

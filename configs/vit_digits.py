@@ -3,8 +3,9 @@ r"""The default job: a small ViT trained from scratch on the bundled handwritten
   python run.py                          # same as: python run.py --config configs/vit_digits.py
 
 Data: scikit-learn's 1,797 real 8x8 digit images (tfds builder `sklearn_digits`, fixed
-1,437/360 train/test split), no download. Model: ViT with patch 2 (16 tokens), width 64,
-4 blocks, global average pooling; Adam, 3,000 steps of batch 128, random translations.
+1,442/355 train/test split), no download. Model: ViT with patch 2 (16 tokens), width 64,
+4 blocks, global average pooling, dropout 0.1; AdamW (weight decay 0.1), 3,000 steps of batch
+128, random translations by up to one pixel.
 Expected: about 98% test accuracy (>= 97%) in about 2-3 minutes on a 2-core CPU.
 """
 
@@ -18,7 +19,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = common.base()
   config.model = ml_collections.ConfigDict(dict(
       variant="custom", width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=2,
-      classifier="gap", posemb="learn", representation_size=0, dropout_rate=0.0,
+      classifier="gap", posemb="learn", representation_size=0, dropout_rate=0.1,
       dtype="float32", gelu_approximate=True, attention_implementation=""))
   config.dataset = "sklearn_digits"
   config.num_classes = 10
@@ -31,6 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.total_steps = 3000
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 150
+  config.optimizer.weight_decay = 0.1  # with dropout 0.1: 1,442 images overfit without them
   config.log_every = 100
   config.eval_every = 1000
   config.checkpoint_every = 1000

@@ -9,7 +9,7 @@ the paper's unit.
 """
 
 import math
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -58,16 +58,18 @@ class _ImageGPTTask(Task):
   objective = "autoregressive"
 
   def __init__(self, palette: np.ndarray, *, variant: str = "S", image_size: int = 32,
-               mask_prob: float = 0.15, eval_mask_seed: int = 0, num_classes: int = 0,
-               **model_options: Any):
+               model_options: Optional[Dict[str, Any]] = None, mask_prob: float = 0.15,
+               eval_mask_seed: int = 0, num_classes: int = 0):
     """
     Args:
       palette: [num_clusters, 3] float32 colour centres (`igpt_jax.load_palette`).
-      variant, image_size, **model_options: passed to `igpt_jax.create_model` (dtype,
-        param_dtype, dropout_rate, attention_implementation, width, depth, num_heads, mlp_dim).
+      variant, image_size: passed to `igpt_jax.create_model`.
+      model_options: the other keyword arguments of `igpt_jax.create_model` (dtype, param_dtype,
+        dropout_rate, attention_implementation, width, depth, num_heads, mlp_dim).
       mask_prob: BERT only, probability that a position is masked (0.15 in the paper).
       eval_mask_seed: BERT only, evaluation masks come from this fixed seed so evaluations are
         deterministic and comparable across checkpoints.
+      num_classes: > 0 adds the classifier (fine-tuning).
     """
     palette = np.asarray(palette, np.float32)
     if palette.ndim != 2 or palette.shape[1] != 3:
@@ -81,11 +83,11 @@ class _ImageGPTTask(Task):
     self.mask_prob = mask_prob
     self.eval_mask_seed = eval_mask_seed
     self.num_classes = num_classes
-    self.model_options = model_options
+    self.model_options = dict(model_options or {})
     # Built once so that shape errors surface at construction, not inside the first step.
     self.model = models.create_model(
         variant, image_size=image_size, num_clusters=len(palette), num_classes=num_classes,
-        causal=self.objective == "autoregressive", **model_options)
+        causal=self.objective == "autoregressive", **self.model_options)
 
   def build_model(self) -> nn.Module:
     return self.model

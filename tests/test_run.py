@@ -115,3 +115,46 @@ def test_sigterm_then_resume_matches_an_unbroken_run(tmp_path):
   assert losses[-1] < 0.85 * losses[0]
   result = json.load(open(tmp_path / "unbroken" / "result.json"))
   assert result["step"] == 150 and result["accuracy"] > 0.2  # chance is 0.1
+
+
+def _igpt(workdir, data_dir, *extra):
+  command = [sys.executable, os.path.join(ROOT, "run.py"), "--config=configs/igpt_digits.py",
+             f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+             "--config.model.width=32", "--config.model.depth=2", "--config.model.mlp_dim=64",
+             "--config.model.num_heads=2", "--config.total_steps=30", "--config.log_every=10",
+             "--config.eval_every=0", "--config.checkpoint_every=0",
+             "--config.sample.num_images=3", "--config.sample.num_samples=2", *extra]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+  result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr
+  return result.stdout
+
+
+@pytest.mark.slow
+def test_igpt_palette_train_sample_probe(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  workdir, data_dir = tmp_path / "igpt", tmp_path / "data"
+  output = _igpt(workdir, data_dir)  # fits the palette first, then trains
+  assert "palette written to" in output and "bits_per_token" in output
+  assert np.load(workdir / "palette.npy").shape == (16, 3)
+  entropy = json.load(open(workdir / "palette.json"))["unigram_entropy_bits"]
+  assert 0 < entropy <= 4  # 16 colours
+  result = json.load(open(workdir / "result.json"))
+  assert result["step"] == 30 and result["bits_per_token"] < 4
+
+  _igpt(workdir, data_dir, "--mode=sample")
+  completions = Image.open(workdir / "completions.png")
+  # 3 rows (one per test image) of prompt | 2 samples | original, 8x8 images scaled 4x.
+  cell, separator = 8 * 4, 2
+  assert completions.size == (4 * cell + 5 * separator, 3 * cell + 4 * separator)
+  # Unconditional samples: 3 rows of 2 samples.
+  assert Image.open(workdir / "samples.png").size == (2 * cell + 3 * separator,
+                                                      3 * cell + 4 * separator)
+
+  output = _igpt(workdir, data_dir, "--mode=probe")
+  report = json.load(open(workdir / "probe.json"))
+  assert [row["layer"] for row in report["layers"]] == [0, 1, 2]
+  assert all(0.1 < row["test_accuracy"] <= 1 for row in report["layers"])
+  assert 0.5 < report["pixels"]["test_accuracy"] <= 1
+  assert "on raw pixels" in output
