@@ -226,7 +226,7 @@ def _safetensors_files(directory: str, files: Sequence[str]) -> _Tensors:
 
 
 def _torch_file(path: str) -> _Tensors:
-  """Tensors of a `pytorch_model.bin` (needs torch; read with weights_only=True, no pickled code)."""
+  """Tensors of a `pytorch_model.bin` (needs torch; read with weights_only=True, no code run)."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -559,7 +559,7 @@ def load_hf(directory: str, **model_options: Any
 
 
 def _hf_config(model: models.ImageGPT) -> Dict[str, Any]:
-  """ImageGPTConfig fields of `model` (what ImageGPTForCausalImageModeling.from_pretrained reads)."""
+  """The ImageGPTConfig of `model`: what ImageGPTForCausalImageModeling.from_pretrained reads."""
   config = {
       "architectures": ["ImageGPTForCausalImageModeling"],
       "model_type": "imagegpt",
