@@ -36,6 +36,9 @@ _FORMAT = flags.DEFINE_enum(
     "--mode export: npz (official ViT layout), safetensors (timm names) or hf (Hugging Face "
     "ImageGPT directory).")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode export: the file (or directory) to write.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "--mode export: replace an existing --output (files are always written "
+    "to a temporary name first, so a failed export never replaces a good one).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "jax_distributed", False,
     "Call jax.distributed.initialize() first (multi-host; arguments auto-detected on TPU, "
@@ -49,12 +52,12 @@ class ConfigError(ValueError):
   """A setting that cannot work; raised before any compute."""
 
 
-def _dtype(name: str):
+def _dtype(name: str, key: str):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   try:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
   except KeyError:
-    raise ConfigError(f"config.model dtype {name!r} is unknown; use float32, bfloat16 or "
+    raise ConfigError(f"config.model.{key}={name!r} is unknown; use float32, bfloat16 or "
                       "float16.") from None
 
 
@@ -75,7 +78,7 @@ def _model_options(config) -> Dict[str, Any]:
   model.pop("variant")
   for key in ("dtype", "param_dtype"):
     if key in model:
-      model[key] = _dtype(model[key])
+      model[key] = _dtype(model[key], key)
   # Config files cannot hold None for a field that the command line may set: "" and 0 stand in.
   if "attention_implementation" in model:
     model["attention_implementation"] = model["attention_implementation"] or None
@@ -85,8 +88,24 @@ def _model_options(config) -> Dict[str, Any]:
 
 
 def palette_path(config, workdir: str) -> str:
-  """config.palette, or <workdir>/palette.npy when it is empty."""
-  return config.palette or os.path.join(workdir, "palette.npy")
+  """config.palette; when empty, the palette of the run config.init_from names (the weights were
+  trained on its colour ids), else <workdir>/palette.npy."""
+  if config.palette:
+    return config.palette
+  if config.get("init_from") and os.path.isdir(config.init_from):
+    return os.path.join(config.init_from, "palette.npy")
+  return os.path.join(workdir, "palette.npy")
+
+
+def _is_main_process() -> bool:
+  """Only process 0 writes the workdir's files (all processes share it, as Orbax requires)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def task_factory(config, workdir: str) -> Callable[[], Any]:
@@ -157,8 +176,11 @@ class Plan:
     return self._task
 
 
-def make_plan(config, workdir: str) -> Plan:
-  """Validates the whole config (model, data, mesh, batch, optimiser, workdir); no compute."""
+def make_plan(config, workdir: str, mode: str = "train") -> Plan:
+  """Validates the whole config (model, data, mesh, batch, optimiser, workdir); no compute.
+
+  Modes that only read the workdir (plan, eval) neither create nor check it for writing.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from common_jax import data, optim, sharding, train  # pylint: disable=g-import-not-at-top
 
@@ -185,7 +207,10 @@ def make_plan(config, workdir: str) -> Plan:
                    manual_dir=config.manual_dir or None)
   data.check_dataset(split=config.train_split, **data_args)
   data.check_dataset(split=config.eval_split, **data_args)
-  check_workdir(workdir)
+  if mode not in ("plan", "eval"):
+    check_workdir(workdir)
+  if config.task in IGPT_TASKS:
+    _check_igpt(config, workdir, mode)
 
   def train_data(start_step: int):
     return data.train_iterator(
@@ -208,6 +233,30 @@ def make_plan(config, workdir: str) -> Plan:
   return Plan(make_task=make_task, initial_params=initial_params, loop=loop, optimizer=optimizer,
               mesh=mesh_config, rules=rules,
               train_data=train_data, eval_data=eval_data)
+
+
+def _check_igpt(config, workdir: str, mode: str) -> None:
+  """The palette and init_from settings of an iGPT run, before any compute."""
+  if config.init_from:
+    if config.task != "igpt_finetune" and mode == "train":
+      raise ConfigError(f"config.init_from is for igpt_finetune runs and the sample and probe "
+                        f"modes; to continue {config.task} pre-training, rerun with the same "
+                        "--workdir (it resumes) and leave config.init_from empty.")
+    if not _has_checkpoints(config.init_from):
+      raise ConfigError(f"config.init_from={config.init_from} holds no checkpoint; point it at "
+                        "the workdir of an iGPT pre-training run.")
+  path = palette_path(config, workdir)
+  if mode == "palette" and os.path.exists(path) and _has_checkpoints(workdir):
+    raise ConfigError(f"{workdir} holds checkpoints trained on the colour ids of {path}; "
+                      "refitting would change what they mean: use a new --workdir.")
+  if os.path.exists(path) or mode == "palette":
+    return
+  if config.palette or config.init_from:
+    raise ConfigError(f"palette {path} does not exist; set config.palette to the palette.npy of "
+                      "the pre-training run, or fit one with --mode palette.")
+  if mode in ("sample", "probe", "eval"):
+    raise ConfigError(f"{workdir} has no palette.npy; train there first (train fits the "
+                      "palette) or set config.palette.")
 
 
 def describe(config, plan: Plan, workdir: str) -> str:
@@ -251,24 +300,20 @@ def main(argv) -> int:
   workdir = os.path.abspath(_WORKDIR.value or os.path.join(ROOT, "workdirs", recipe))
   if _MODE.value == "export":
     return _export(config, workdir)
-  try:
-    plan = make_plan(config, workdir)
-  except ValueError as error:  # ConfigError and the checks of the packages below run.py
-    print(f"error: {error}", file=sys.stderr)
-    return 2
   mode = _MODE.value
-  try:
+  try:  # ValueError: ConfigError and the checks of the packages below run.py
+    if config.task not in IGPT_TASKS and mode in ("palette", "sample", "probe"):
+      raise ConfigError(f"--mode {mode} is for the iGPT tasks {IGPT_TASKS}; config.task is "
+                        f"{config.task!r}.")
+    plan = make_plan(config, workdir, mode)
     if config.task in IGPT_TASKS:
-      if mode == "palette" or (mode == "train" and not config.palette and
+      if mode == "palette" or (mode == "train" and
                                not os.path.exists(palette_path(config, workdir))):
         _fit_palette(config, plan, workdir)
         if mode == "palette":
           return 0
       if config.init_from and config.task == "igpt_finetune" and mode == "train":
         plan.initial_params = _pretrained_initializer(config.init_from)
-    elif mode in ("palette", "sample", "probe"):
-      raise ConfigError(f"--mode {mode} is for the iGPT tasks {IGPT_TASKS}; config.task is "
-                        f"{config.task!r}.")
     if mode == "plan":
       print(describe(config, plan, workdir))
       return 0
@@ -278,25 +323,39 @@ def main(argv) -> int:
       return _probe(config, plan, workdir)
     if mode == "eval":
       return _evaluate(plan, workdir)
+    return _train(config, plan, workdir)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+
+
+def _train(config, plan: Plan, workdir: str) -> int:
+  """Trains (resuming from the workdir's latest checkpoint) and writes result.json."""
   from common_jax import train  # pylint: disable=g-import-not-at-top
+  if _is_main_process() and not _has_checkpoints(workdir):
+    # A fresh run records its config; a resumed run keeps the one it was started with.
+    _write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   result = train.train_and_evaluate(
       plan.task, loop=plan.loop, optimizer=plan.optimizer, mesh_config=plan.mesh,
       workdir=workdir, train_data=plan.train_data, eval_data=plan.eval_data, rules=plan.rules,
       initial_params=plan.initial_params)
-  if not result["stopped"] and result["eval"]:
+  if not result["stopped"] and result["eval"] and _is_main_process():
     headline = plan.task.headline_metric
     summary = {"step": result["step"], headline: result["eval"].get(headline),
                "train_seconds": round(result["seconds"], 1)}
-    with open(os.path.join(workdir, "result.json"), "w", encoding="utf-8") as f:
-      json.dump(dict(summary, eval=result["eval"]), f, indent=2)
+    _write_text(os.path.join(workdir, "result.json"),
+                json.dumps(dict(summary, eval=result["eval"]), indent=2))
     print(f"final {headline}: {result['eval'].get(headline, float('nan')):.4f} "
           f"(results in {os.path.join(workdir, 'result.json')})")
   return 0
+
+
+def _write_text(path: str, text: str) -> None:
+  """Writes a small file whole: to a temporary name, then renamed over `path`."""
+  temporary = f"{path}.tmp-{os.getpid()}"
+  with open(temporary, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(temporary, path)
 
 
 def _params_of(workdir: str) -> Any:
@@ -308,26 +367,32 @@ def _params_of(workdir: str) -> Any:
 def _pretrained_initializer(source_workdir: str) -> Callable[[Any], Any]:
   """fresh params -> fresh params with every parameter present in `source_workdir` replaced.
 
-  New parameters (e.g. a fine-tuning head) keep their initialisation; shapes must agree.
+  Only the classifier head (`clf`) may be new; every other parameter must be in the checkpoint
+  with the same shape, and the checkpoint may hold nothing the model lacks.
   """
   import flax  # pylint: disable=g-import-not-at-top
 
   def initialize(fresh):
     pretrained = flax.traverse_util.flatten_dict(_params_of(source_workdir), sep="/")
     flat = flax.traverse_util.flatten_dict(fresh, sep="/")
+    fix = "use the same model options as the pre-training run"
+    for key in sorted(set(pretrained) - set(flat)):
+      raise ValueError(f"config.init_from={source_workdir} holds parameter {key}, which this "
+                       f"model does not have; {fix}.")
+    for key in sorted(set(flat) - set(pretrained)):
+      if not key.startswith("clf"):
+        raise ValueError(f"config.init_from={source_workdir} has no parameter {key}, which "
+                         f"this model needs; {fix}.")
     for key, value in pretrained.items():
-      if key not in flat:
-        continue
       if flat[key].shape != value.shape:
         raise ValueError(f"config.init_from={source_workdir}: parameter {key} has shape "
-                         f"{value.shape} there but {flat[key].shape} in this model; use the "
-                         "same model options as the pre-training run.")
+                         f"{value.shape} there but {flat[key].shape} in this model; {fix}.")
       flat[key] = value.astype(flat[key].dtype)
     return flax.traverse_util.unflatten_dict(flat, sep="/")
   return initialize
 
 
-def _collect(batches, limit: Optional[int] = None):
+def _collect(batches, limit: Optional[int] = None, what: str = "the split"):
   """Concatenates eval batches (real rows only) -> (images, labels)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   images, labels, count = [], [], 0
@@ -338,13 +403,21 @@ def _collect(batches, limit: Optional[int] = None):
     count += int(real.sum())
     if limit is not None and count >= limit:
       break
+  if count == 0:
+    raise ValueError(f"{what} yielded no images; check the split (and config.sample.num_images "
+                     "for --mode sample).")
   return np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
 
 
 def _fit_palette(config, plan: Plan, workdir: str) -> str:
   """Fits the k-means palette on the train split and writes it; returns the path."""
+  import jax  # pylint: disable=g-import-not-at-top
   import igpt_jax  # pylint: disable=g-import-not-at-top
   path = palette_path(config, workdir)
+  if not _is_main_process():  # process 0 fits and writes it; the others read it afterwards
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("palette written")
+    return path
   pixels_per_image = config.image_size**2
   images, _ = _collect(plan.eval_data(config.train_split),
                        limit=max(1, config.palette_max_pixels // pixels_per_image))
@@ -359,11 +432,14 @@ def _fit_palette(config, plan: Plan, workdir: str) -> str:
   ids = np.asarray(igpt_jax.quantize(images, centres)).ravel()
   frequencies = np.bincount(ids, minlength=len(centres)) / ids.size
   entropy = float(-np.sum(frequencies[frequencies > 0] * np.log2(frequencies[frequencies > 0])))
-  with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as f:
-    json.dump({"unigram_entropy_bits": entropy, "num_clusters": len(centres),
-               "pixels": int(ids.size)}, f, indent=2)
+  _write_text(os.path.splitext(path)[0] + ".json", json.dumps(
+      {"unigram_entropy_bits": entropy, "num_clusters": len(centres), "pixels": int(ids.size)},
+      indent=2))
   print(f"palette written to {path}; unigram entropy of its ids on the train split: "
         f"{entropy:.3f} bits per token")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("palette written")
   return path
 
 
@@ -382,7 +458,8 @@ def _sample(config, plan: Plan, workdir: str) -> int:
   options = config.sample
   top_k = options.top_k or None
   rng = jax.random.PRNGKey(options.seed)
-  images, _ = _collect(plan.eval_data(), limit=options.num_images)
+  images, _ = _collect(plan.eval_data(), limit=options.num_images,
+                       what=f"config.eval_split={config.eval_split!r}")
   originals = np.asarray(task.token_ids({"image": images}))
   prompt_len = int(options.prompt_fraction * originals.shape[1])
   prompt = np.repeat(originals[:, :prompt_len], options.num_samples, axis=0)
@@ -390,12 +467,14 @@ def _sample(config, plan: Plan, workdir: str) -> int:
                                 temperature=options.temperature, top_k=top_k)
   completions = np.asarray(completions).reshape(len(originals), options.num_samples, -1)
   completion_path = os.path.join(workdir, "completions.png")
-  sampling.save_sample_grid(completion_path, task.palette, completions, originals=originals,
-                            prompt_len=prompt_len)
   unconditional = sampling.sample(model, variables, jax.random.fold_in(rng, 1),
                                   num_samples=len(originals) * options.num_samples,
                                   temperature=options.temperature, top_k=top_k)
   unconditional_path = os.path.join(workdir, "samples.png")
+  if not _is_main_process():
+    return 0
+  sampling.save_sample_grid(completion_path, task.palette, completions, originals=originals,
+                            prompt_len=prompt_len)
   sampling.save_sample_grid(unconditional_path, task.palette, np.asarray(unconditional).reshape(
       len(originals), options.num_samples, -1))
   print(f"completions (prompt | {options.num_samples} samples | original) written to "
@@ -415,7 +494,7 @@ def _probe(config, plan: Plan, workdir: str) -> int:
   variables = {"params": _params_of(config.init_from or workdir)}
   splits = {}
   for split in (config.train_split, config.eval_split):
-    images, labels = _collect(plan.eval_data(split))
+    images, labels = _collect(plan.eval_data(split), what=f"split {split!r}")
     ids = np.asarray(task.token_ids({"image": images}))
     features = probe.extract_features(model, variables, ids, layers=layers,
                                       batch_size=config.eval_batch_size)
@@ -438,8 +517,8 @@ def _probe(config, plan: Plan, workdir: str) -> int:
                         if k in ("layer", "train_accuracy", "test_accuracy")} for row in results],
             "pixels": {k: float(baseline[k]) for k in ("train_accuracy", "test_accuracy")},
             "best_layer": int(best["layer"]), "classifier": "ridge regression (closed form)"}
-  with open(os.path.join(workdir, "probe.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+  if _is_main_process():
+    _write_text(os.path.join(workdir, "probe.json"), json.dumps(report, indent=2))
   return 0
 
 
@@ -454,6 +533,9 @@ def _export(config, workdir: str) -> int:
       if _FORMAT.value == "hf":
         raise ConfigError("--format hf is for iGPT; export a ViT as npz or safetensors.")
       from vit_jax import interop  # pylint: disable=g-import-not-at-top
+      if os.path.exists(output) and not _OVERWRITE.value:
+        raise ConfigError(f"--output {output} already exists; choose a new path or pass "
+                          "--overwrite to replace it.")
       path = interop.export_from_checkpoint(workdir, model, output, _FORMAT.value)
     else:
       if _FORMAT.value != "hf":
@@ -461,9 +543,14 @@ def _export(config, workdir: str) -> int:
       from igpt_jax import interop  # pylint: disable=g-import-not-at-top
       import igpt_jax  # pylint: disable=g-import-not-at-top
       clusters = igpt_jax.load_palette(palette_path(config, workdir))
-      path = interop.export_hf_from_checkpoint(workdir, model, output, clusters)
+      path = interop.export_hf_from_checkpoint(workdir, model, output, clusters,
+                                               overwrite=_OVERWRITE.value)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
+    return 2
+  except OSError as error:
+    print(f"error: --output {_OUTPUT.value} cannot be written ({error.strerror or error}); "
+          "choose a path you can write to.", file=sys.stderr)
     return 2
   print(f"exported the latest checkpoint of {workdir} to {path}")
   return 0
@@ -473,7 +560,9 @@ def _evaluate(plan: Plan, workdir: str) -> int:
   """Evaluates the latest checkpoint of `workdir` on config.eval_split."""
   import jax  # pylint: disable=g-import-not-at-top
   from common_jax import checkpoint, optim, sharding, train  # pylint: disable=g-import-not-at-top
-  checkpointer = checkpoint.Checkpointer(workdir)
+  if not _has_checkpoints(workdir):
+    raise ValueError(f"--workdir {workdir} holds no checkpoint; train first.")
+  checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
   step = checkpointer.latest_step()
   if step is None:
     print(f"error: --workdir {workdir} holds no checkpoint; train first.", file=sys.stderr)

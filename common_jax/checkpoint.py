@@ -20,7 +20,7 @@ class Checkpointer:
       raise ValueError(f"{workdir} holds no checkpoints (no {self.directory}); point "
                        "config.init_from or --workdir at the workdir of a training run.")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
+        max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=asynchronous)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 

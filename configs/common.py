@@ -64,3 +64,12 @@ def add_igpt_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
       top_k=0,  # 0 = sample from all clusters
       seed=0))
   return config
+
+
+def variant_and_dataset(arg: str, default: str, recipe: str):
+  """Splits a recipe argument "<variant>,<dataset>" (e.g. "B/16,cifar10"), naming the fix."""
+  parts = (arg or default).split(",")
+  if len(parts) != 2 or not all(parts):
+    raise ValueError(f"{recipe}: the argument {arg!r} is not '<variant>,<dataset>'; use e.g. "
+                     f"--config configs/{recipe}:{default}.")
+  return parts[0].strip(), parts[1].strip()

@@ -26,7 +26,7 @@ DATASETS = {
 
 
 def get_config(arg: str = "S,imagenet32") -> ml_collections.ConfigDict:
-  variant, dataset = (arg or "S,imagenet32").split(",")
+  variant, dataset = common.variant_and_dataset(arg, "S,imagenet32", "igpt_pretrain.py")
   if dataset not in DATASETS:
     raise ValueError(f"igpt_pretrain.py: dataset {dataset!r} is unknown; use one of "
                      f"{sorted(DATASETS)}.")

@@ -27,7 +27,7 @@ DATASETS = {
 
 
 def get_config(arg: str = "B/16,cifar10") -> ml_collections.ConfigDict:
-  variant, dataset = (arg or "B/16,cifar10").split(",")
+  variant, dataset = common.variant_and_dataset(arg, "B/16,cifar10", "vit_finetune.py")
   if dataset not in DATASETS:
     raise ValueError(f"vit_finetune.py: dataset {dataset!r} is unknown; use one of "
                      f"{sorted(DATASETS)}.")

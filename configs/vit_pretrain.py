@@ -4,7 +4,8 @@ dropout 0.1, a representation (pre-logits) layer, resolution 224.
 
   python run.py --config configs/vit_pretrain.py:B/16,imagenet2012 --workdir workdirs/pt \
       --config.data_dir=/path/to/tensorflow_datasets --config.manual_dir=/path/to/imagenet
-  python run.py --config configs/vit_pretrain.py:B/16,imagenet21k --config.mesh.fsdp=-1 ...
+  python run.py --config configs/vit_pretrain.py:B/16,imagenet21k \
+      --config.mesh.data=1 --config.mesh.fsdp=-1 ...
 
 Argument: "<variant>,<dataset>" with dataset imagenet2012 (300 epochs, lr 3e-3, weight decay
 0.3, cosine decay: the paper's ImageNet-1k setting) or imagenet21k (90 epochs, lr 1e-3, weight
@@ -27,7 +28,7 @@ DATASETS = {
 
 
 def get_config(arg: str = "B/16,imagenet2012") -> ml_collections.ConfigDict:
-  variant, dataset = (arg or "B/16,imagenet2012").split(",")
+  variant, dataset = common.variant_and_dataset(arg, "B/16,imagenet2012", "vit_pretrain.py")
   if dataset not in DATASETS:
     raise ValueError(f"vit_pretrain.py: dataset {dataset!r} is unknown; use one of "
                      f"{sorted(DATASETS)}.")

@@ -681,10 +681,9 @@ def export_hf_from_checkpoint(workdir: str, model: models.ImageGPT, directory: s
   _export_checks(model)
   _checked_clusters(clusters, model.num_clusters)
   if not os.path.isdir(os.path.join(os.fspath(workdir), "checkpoints")):
-    # Checked here because Checkpointer would create the directory.
     raise ValueError(f"--workdir {workdir} holds no checkpoints directory; train first or point "
                      "--workdir at a training run.")
-  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   try:
     step = checkpointer.latest_step() if step is None else step
     if step is None:
@@ -712,7 +711,7 @@ def _write_directory(directory: str, write: Callable[[str], None], overwrite: bo
   replace = os.path.isdir(directory) and bool(os.listdir(directory))
   if replace and not overwrite:
     raise ValueError(f"{directory} already exists and is not empty; choose a new directory or "
-                     "pass overwrite=True to replace it.")
+                     "replace it (overwrite=True; run.py --overwrite).")
   parent, name = os.path.split(directory)
   os.makedirs(parent, exist_ok=True)
   temporary = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")

@@ -176,8 +176,16 @@ def save_palette(path: str, centres: ArrayLike) -> None:
   directory = os.path.dirname(path)
   if directory:
     os.makedirs(directory, exist_ok=True)
-  with open(path, "wb") as f:
-    np.save(f, centres.astype(np.float32))
+  # Written whole or not at all: a temporary file renamed into place, so an interrupted write
+  # never leaves a truncated palette that a later run would take for a fitted one.
+  temporary = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(temporary, "wb") as f:
+      np.save(f, centres.astype(np.float32))
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
 
 
 def load_palette(path: str, num_clusters: Optional[int] = None) -> np.ndarray:

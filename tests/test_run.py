@@ -53,6 +53,69 @@ def test_unwritable_workdir_is_refused(tmp_path):
     run.make_plan(_config(tmp_path / "data"), str(blocker / "workdir"))
 
 
+@pytest.mark.parametrize("mode", ["plan", "eval"])
+def test_reading_modes_do_not_create_the_workdir(tmp_path, mode):
+  workdir = tmp_path / "workdir"
+  run.make_plan(_config(tmp_path / "data"), str(workdir), mode)
+  assert not workdir.exists()
+
+
+def _igpt_config(data_dir, **overrides):
+  from configs import igpt_digits  # pylint: disable=g-import-not-at-top
+  config = igpt_digits.get_config()
+  config.data_dir = str(data_dir)
+  config.update(overrides)
+  return config
+
+
+def _fake_run(workdir, palette=True):
+  """A workdir that looks trained: a checkpoint step directory and (optionally) a palette."""
+  os.makedirs(workdir / "checkpoints" / "10")
+  if palette:
+    np.save(workdir / "palette.npy", np.zeros((16, 3), np.float32))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_palette", r"palette .*missing.npy does not exist; set config.palette"),
+    ("init_from_for_ar", r"config.init_from is for igpt_finetune runs"),
+    ("init_from_empty", r"config.init_from=.* holds no checkpoint"),
+    ("refit_palette", r"holds checkpoints trained on the colour ids of .*palette.npy"),
+    ("probe_without_palette", r"has no palette.npy; train there first"),
+])
+def test_igpt_settings_fail_before_compute(tmp_path, case, message):
+  data_dir, workdir = tmp_path / "data", tmp_path / "workdir"
+  mode, overrides = "train", {}
+  if case == "missing_palette":
+    overrides = {"palette": str(tmp_path / "missing.npy")}
+  elif case == "init_from_for_ar":
+    _fake_run(tmp_path / "pretrained")
+    overrides = {"init_from": str(tmp_path / "pretrained")}
+  elif case == "init_from_empty":
+    os.makedirs(tmp_path / "empty")
+    overrides = {"init_from": str(tmp_path / "empty")}
+    mode = "probe"
+  elif case == "refit_palette":
+    _fake_run(workdir)
+    mode = "palette"
+  elif case == "probe_without_palette":
+    mode = "probe"
+  before = sorted(os.walk(workdir))
+  with pytest.raises(ValueError, match=message):
+    run.make_plan(_igpt_config(data_dir, **overrides), str(workdir), mode)
+  if case == "refit_palette":
+    assert sorted(os.walk(workdir)) == before  # the palette was not touched
+
+
+def test_finetuning_reads_the_palette_of_the_pretraining_run(tmp_path):
+  _fake_run(tmp_path / "pretrained")
+  config = _igpt_config(tmp_path / "data", task="igpt_finetune",
+                        init_from=str(tmp_path / "pretrained"))
+  assert run.palette_path(config, str(tmp_path / "new")) == str(
+      tmp_path / "pretrained" / "palette.npy")
+  config.palette = str(tmp_path / "mine.npy")
+  assert run.palette_path(config, str(tmp_path / "new")) == str(tmp_path / "mine.npy")
+
+
 def _run(workdir, data_dir, *extra, wait=True):
   command = [sys.executable, os.path.join(ROOT, "run.py"), f"--workdir={workdir}",
              f"--config.data_dir={data_dir}", *TINY, *extra]
@@ -108,6 +171,17 @@ def test_sigterm_then_resume_matches_an_unbroken_run(tmp_path):
   assert flat_expected.keys() == flat_actual.keys()
   for key in flat_expected:
     np.testing.assert_array_equal(flat_actual[key], flat_expected[key], err_msg=str(key))
+
+  # Exports never replace a file silently; --overwrite does, and the workdir is only read.
+  output = tmp_path / "vit.npz"
+  assert _run(tmp_path / "broken", data_dir, "--mode=export", f"--output={output}").returncode == 0
+  first = output.read_bytes()
+  again = _run(tmp_path / "broken", data_dir, "--mode=export", f"--output={output}")
+  assert again.returncode == 2 and "already exists" in again.stderr.strip().splitlines()[-1]
+  assert _run(tmp_path / "broken", data_dir, "--mode=export", f"--output={output}",
+              "--overwrite").returncode == 0
+  assert output.read_bytes() == first
+  assert os.listdir(tmp_path / "broken" / "checkpoints") == ["150"]
 
   # The unbroken run learned something and logged it where users look.
   records = [json.loads(line) for line in open(tmp_path / "unbroken" / "metrics.jsonl")]
