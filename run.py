@@ -447,7 +447,6 @@ def _sample(config, plan: Plan, workdir: str) -> int:
   """Unconditional samples and half-image completions of test images, as PNG grids."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import igpt_jax  # pylint: disable=g-import-not-at-top
   from igpt_jax import sampling  # pylint: disable=g-import-not-at-top
   task = plan.task
   model = task.build_model()

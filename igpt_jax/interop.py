@@ -43,12 +43,13 @@ import shutil
 import tempfile
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common_jax.trees import flatten, unflatten
+from common_jax.trees import params_of as _params_of
+from common_jax.trees import to_host as _to_host
 from igpt_jax import models
 from igpt_jax import palette as palette_lib
 
@@ -83,34 +84,7 @@ _TF_BOOKKEEPING = re.compile(r"(^|/)(Adam(_\d+)?|Momentum|ExponentialMovingAvera
 
 
 # ------------------------------------------------------------------------------------------------
-# Trees <-> flat dicts
-
-
-def flatten(params: Params) -> Dict[str, Any]:
-  """Nested params (boxed or not) -> {"h_0/attn/q_proj": leaf, ...}."""
-  return flax.traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
-
-
-def unflatten(flat: Dict[str, Any]) -> Params:
-  """Inverse of `flatten`: the nested dict of plain dicts that `model.init` returns."""
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
-
-
-def _params_of(variables: Any) -> Params:
-  """Accepts {"params": ...} or the params tree itself (boxed or not)."""
-  variables = nn.meta.unbox(variables)
-  # An iGPT params tree has no entry called "params" (wte, wpe, h_0, ...): no confusion.
-  if isinstance(variables, Mapping) and "params" in variables:
-    return variables["params"]
-  return variables
-
-
-def _to_host(x: Any) -> np.ndarray:
-  """A (possibly sharded, possibly multi-host) array -> one numpy array with every element."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
+# Names and order
 
 
 def _layout_order(key: str) -> Tuple[int, int, str]:

@@ -163,7 +163,7 @@ def test_sigterm_then_resume_matches_an_unbroken_run(tmp_path):
 
   resumed = _run(tmp_path / "broken", data_dir, *steps)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-  assert f"resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
+  assert "resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
 
   expected, actual = _params(tmp_path / "unbroken", 150), _params(tmp_path / "broken", 150)
   flat_expected = ocp.tree.to_flat_dict(expected)

@@ -48,11 +48,13 @@ import zlib
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common_jax.trees import flatten, unflatten
+from common_jax.trees import params_of as _params_of
+from common_jax.trees import to_host as _to_host
 from vit_jax import models
 
 Params = Any
@@ -89,32 +91,6 @@ _QKV = ("query", "key", "value")
 
 # ------------------------------------------------------------------------------------------------
 # Trees <-> flat dicts
-
-
-def flatten(params: Params) -> Dict[str, Any]:
-  """Nested params (boxed or not) -> {"Transformer/encoder_norm/scale": leaf, ...}."""
-  return flax.traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
-
-
-def unflatten(flat: Dict[str, Any]) -> Params:
-  """Inverse of `flatten`: the nested dict of plain dicts that `model.init` returns."""
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
-
-
-def _params_of(variables: Any) -> Params:
-  """Accepts {"params": ...} or the params tree itself (boxed or not)."""
-  variables = nn.meta.unbox(variables)
-  if isinstance(variables, dict) and "params" in variables:
-    return variables["params"]
-  return variables
-
-
-def _to_host(x: Any) -> np.ndarray:
-  """A (possibly sharded, possibly multi-host) array -> one numpy array with every element."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
 
 
 def _export_flat(variables: Any) -> Flat:
