@@ -11,6 +11,7 @@ The config is read here, once; everything below receives plain values.
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 from typing import Any, Callable, Dict, Optional
@@ -29,7 +30,7 @@ IGPT_TASKS = ("igpt_ar", "igpt_bert", "igpt_finetune")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Recipe file (configs/*.py), optionally with ':args'.")
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Where checkpoints and metrics go (default: workdirs/<recipe name>).")
+    "workdir", None, "Where checkpoints and metrics go (default: workdirs/<recipe>[_<argument>]).")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do with the config.")
 _FORMAT = flags.DEFINE_enum(
     "format", "npz", EXPORT_FORMATS,
@@ -217,7 +218,7 @@ def make_plan(config, workdir: str, mode: str = "train") -> Plan:
         split=config.train_split, preprocess=config.preprocess_train,
         global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        worker_count=config.data_workers, **data_args)
+        worker_count=config.data_workers, cache=config.data_cache, **data_args)
 
   def eval_data(split: Optional[str] = None):
     return data.eval_iterator(
@@ -266,9 +267,11 @@ def describe(config, plan: Plan, workdir: str) -> str:
   if config.task in IGPT_TASKS and not os.path.exists(palette_path(config, workdir)):
     import igpt_jax  # pylint: disable=g-import-not-at-top
     num_classes = config.num_classes if config.task == "igpt_finetune" else 0
+    causal = config.task == "igpt_ar" or (config.task == "igpt_finetune" and
+                                          config.objective == "autoregressive")
     model = igpt_jax.create_model(config.model.variant, image_size=config.image_size,
-                                  num_clusters=config.palette_clusters,
-                                  num_classes=num_classes, **_model_options(config))
+                                  num_clusters=config.palette_clusters, num_classes=num_classes,
+                                  causal=causal, **_model_options(config))
     shapes = igpt_jax.models.abstract_variables(model)
     note = f"; palette {palette_path(config, workdir)} not fitted yet (train fits it first)"
   else:
@@ -295,8 +298,11 @@ def main(argv) -> int:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  config_path = flags.FLAGS["config"].config_filename
+  # "configs/vit_finetune.py:B/16,cifar10" -> workdirs/vit_finetune_B_16_cifar10
+  config_path, _, config_arg = flags.FLAGS["config"].config_filename.partition(":")
   recipe = os.path.splitext(os.path.basename(config_path))[0]
+  if config_arg:
+    recipe += "_" + re.sub(r"\W+", "_", config_arg).strip("_")
   workdir = os.path.abspath(_WORKDIR.value or os.path.join(ROOT, "workdirs", recipe))
   if _MODE.value == "export":
     return _export(config, workdir)

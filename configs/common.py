@@ -19,6 +19,7 @@ def base() -> ml_collections.ConfigDict:
   config.preprocess_train = "decode|value_range(-1,1)"
   config.preprocess_eval = "decode|value_range(-1,1)"
   config.data_workers = 0  # 0 = decode in threads of this process
+  config.data_cache = False  # True: hold the train split in memory (small datasets only)
 
   config.batch_size = 128  # global, over all devices and processes
   config.eval_batch_size = 128

@@ -4,9 +4,9 @@ r"""The default job: a small ViT trained from scratch on the bundled handwritten
 
 Data: scikit-learn's 1,797 real 8x8 digit images (tfds builder `sklearn_digits`, fixed
 1,442/355 train/test split), no download. Model: ViT with patch 2 (16 tokens), width 64,
-4 blocks, global average pooling, dropout 0.1; AdamW (weight decay 0.1), 3,000 steps of batch
+4 blocks, global average pooling, dropout 0.1; AdamW (weight decay 0.1), 2,000 steps of batch
 128, random translations by up to one pixel.
-Expected: about 98% test accuracy (>= 97%) in about 2-3 minutes on a 2-core CPU.
+Expected: >= 97% test accuracy (97.75% measured) in about 4 3/4 minutes on a 2-core CPU.
 """
 
 import ml_collections
@@ -26,14 +26,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.image_size = 8
   # Random translation by up to one pixel: pad with background, crop back to 8x8.
   config.preprocess_train = "decode|random_crop(8,pad=1)|value_range(-1,1)"
+  config.data_cache = True  # 1,442 images of 8x8: read once
   config.preprocess_eval = "decode|value_range(-1,1)"
   config.batch_size = 128
   config.eval_batch_size = 120
-  config.total_steps = 3000
+  config.total_steps = 2000
   config.optimizer.learning_rate = 3e-3
-  config.optimizer.warmup_steps = 150
+  config.optimizer.warmup_steps = 100
   config.optimizer.weight_decay = 0.1  # with dropout 0.1: 1,442 images overfit without them
   config.log_every = 100
-  config.eval_every = 1000
-  config.checkpoint_every = 1000
+  config.eval_every = 500
+  config.checkpoint_every = 500
   return config

@@ -123,7 +123,7 @@ def train_iterator(*, dataset: str, split: str, preprocess: str, global_batch_si
                    seed: int, start_step: int = 0, data_dir: Optional[str] = None,
                    manual_dir: Optional[str] = None, process_index: int = 0,
                    process_count: int = 1, worker_count: int = 0,
-                   prefetch: int = 2) -> Iterator[Batch]:
+                   prefetch: int = 2, cache: bool = False) -> Iterator[Batch]:
   """Endless, shuffled, augmented local batches, step `start_step` first.
 
   Args:
@@ -138,6 +138,8 @@ def train_iterator(*, dataset: str, split: str, preprocess: str, global_batch_si
       jax.process_count()).
     worker_count: child processes computing batches (0: threads of this process only).
     prefetch: batches computed ahead, each by its own thread (0: computed on demand).
+    cache: read the whole split into memory once (for small datasets such as the bundled
+      digits, whose records then cost nothing to read again); the batches are the same.
 
   Yields:
     {"image": [local_batch, height, width, 3] float32 (in [-1, 1] after value_range(-1,1)),
@@ -151,6 +153,8 @@ def train_iterator(*, dataset: str, split: str, preprocess: str, global_batch_si
     raise ValueError(f"start_step={start_step} must be >= 0 (the step restored, or 0).")
   process = _example_fn(preprocess)
   source = _data_source(dataset, split, data_dir, manual_dir)
+  if cache:
+    source = [source[i] for i in range(len(source))]
   # Grain seeds epoch e with shuffle_seed + e; mixing the seed first keeps seed 1's first epoch
   # from being seed 0's second one.
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
