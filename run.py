@@ -126,10 +126,7 @@ def task_factory(config, workdir: str) -> Callable[[], Any]:
   if config.task in IGPT_TASKS:
     import igpt_jax  # pylint: disable=g-import-not-at-top
     from igpt_jax import tasks  # pylint: disable=g-import-not-at-top
-    num_classes = config.num_classes if config.task == "igpt_finetune" else 0
-    igpt_jax.create_model(variant, image_size=config.image_size,
-                          num_clusters=config.palette_clusters, num_classes=num_classes,
-                          **options)  # validates the shape options before anything runs
+    _igpt_model(config)  # validates the shape options before anything runs
 
     def build():
       palette = igpt_jax.load_palette(palette_path(config, workdir),
@@ -144,6 +141,17 @@ def task_factory(config, workdir: str) -> Callable[[], Any]:
     return build
   raise ConfigError(f"config.task={config.task!r} is unknown; use 'vit_classification' or one "
                     f"of {IGPT_TASKS}.")
+
+
+def _igpt_model(config):
+  """The iGPT model a config describes, built without its palette (which may not exist yet)."""
+  import igpt_jax  # pylint: disable=g-import-not-at-top
+  num_classes = config.num_classes if config.task == "igpt_finetune" else 0
+  causal = config.task == "igpt_ar" or (config.task == "igpt_finetune" and
+                                        config.objective == "autoregressive")
+  return igpt_jax.create_model(config.model.variant, image_size=config.image_size,
+                               num_clusters=config.palette_clusters, num_classes=num_classes,
+                               causal=causal, **_model_options(config))
 
 
 def check_workdir(workdir: str) -> None:
@@ -266,12 +274,7 @@ def describe(config, plan: Plan, workdir: str) -> str:
   from common_jax import layers, sharding  # pylint: disable=g-import-not-at-top
   if config.task in IGPT_TASKS and not os.path.exists(palette_path(config, workdir)):
     import igpt_jax  # pylint: disable=g-import-not-at-top
-    num_classes = config.num_classes if config.task == "igpt_finetune" else 0
-    causal = config.task == "igpt_ar" or (config.task == "igpt_finetune" and
-                                          config.objective == "autoregressive")
-    model = igpt_jax.create_model(config.model.variant, image_size=config.image_size,
-                                  num_clusters=config.palette_clusters, num_classes=num_classes,
-                                  causal=causal, **_model_options(config))
+    model = _igpt_model(config)
     shapes = igpt_jax.models.abstract_variables(model)
     note = f"; palette {palette_path(config, workdir)} not fitted yet (train fits it first)"
   else:
@@ -565,9 +568,7 @@ def _evaluate(plan: Plan, workdir: str) -> int:
   """Evaluates the latest checkpoint of `workdir` on config.eval_split."""
   import jax  # pylint: disable=g-import-not-at-top
   from common_jax import checkpoint, optim, sharding, train  # pylint: disable=g-import-not-at-top
-  if not _has_checkpoints(workdir):
-    raise ValueError(f"--workdir {workdir} holds no checkpoint; train first.")
-  checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+  checkpointer = checkpoint.Checkpointer(workdir, read_only=True)  # refuses a missing dir
   step = checkpointer.latest_step()
   if step is None:
     print(f"error: --workdir {workdir} holds no checkpoint; train first.", file=sys.stderr)

@@ -10,7 +10,6 @@ import os
 import shutil
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from common_jax import optim
 from common_jax import sharding
 from common_jax import train
 from igpt_jax import interop
+from test_igpt_model import random_variables  # gains near 1, no trivial zeros
 
 SHAPE = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
 IMAGE_SIZE = 4
@@ -31,18 +31,6 @@ PARITY_TOLERANCE = 1e-4  # float32, max abs difference of logits
 def tiny_model(**options):
   return igpt_jax.create_model("custom", image_size=IMAGE_SIZE, num_clusters=NUM_CLUSTERS,
                                **dict(SHAPE, **options))
-
-
-def random_variables(model, seed=0, scale=0.3):
-  """Random parameters of the model's shapes (gains near 1); none is trivial like wtet's zeros."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    value = scale * rng.standard_normal(leaf.shape)
-    return (value + (path[-1].key == "g")).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(
-      draw, nn.meta.unbox(igpt_jax.abstract_variables(model)))
 
 
 def random_clusters(seed=0, num_clusters=NUM_CLUSTERS):
