@@ -254,6 +254,11 @@ def _check_igpt(config, workdir: str, mode: str) -> None:
     if not _has_checkpoints(config.init_from):
       raise ConfigError(f"config.init_from={config.init_from} holds no checkpoint; point it at "
                         "the workdir of an iGPT pre-training run.")
+  if mode == "probe":
+    from igpt_jax import probe  # pylint: disable=g-import-not-at-top
+    for layer in config.probe_layers:
+      _igpt_model(config).check_layer(layer)
+    probe.check_probe_settings(tuple(config.probe_l2), config.probe_folds)
   path = palette_path(config, workdir)
   if mode == "palette" and os.path.exists(path) and _has_checkpoints(workdir):
     raise ConfigError(f"{workdir} holds checkpoints trained on the colour ids of {path}; "
@@ -497,8 +502,6 @@ def _probe(config, plan: Plan, workdir: str) -> int:
   task = plan.task
   model = task.build_model()
   layers = list(config.probe_layers) or list(range(model.depth + 1))
-  for layer in layers:
-    model.check_layer(layer)
   variables = {"params": _params_of(config.init_from or workdir)}
   splits = {}
   for split in (config.train_split, config.eval_split):
@@ -509,22 +512,33 @@ def _probe(config, plan: Plan, workdir: str) -> int:
     splits[split] = (ids, labels, features)
   (train_ids, train_labels, train_features) = splits[config.train_split]
   (test_ids, test_labels, test_features) = splits[config.eval_split]
+  settings = dict(num_classes=config.num_classes, l2=tuple(config.probe_l2),
+                  folds=config.probe_folds)
   results = probe.probe_layers(train_features, train_labels, test_features, test_labels,
-                               layers=layers, num_classes=config.num_classes, l2=config.probe_l2)
+                               layers=layers, **settings)
   baseline = probe.pixel_probe(train_ids, train_labels, test_ids, test_labels, task.palette,
-                               num_classes=config.num_classes, l2=config.probe_l2)
-  print(f"{'layer':>6} {'train acc':>10} {'test acc':>10}")
-  for row in results:
-    print(f"{row['layer']:>6} {row['train_accuracy']:>10.4f} {row['test_accuracy']:>10.4f}")
-  best = max(results, key=lambda row: row["test_accuracy"])
-  print(f"{'pixels':>6} {baseline['train_accuracy']:>10.4f} {baseline['test_accuracy']:>10.4f}"
-        "   (same linear probe on the raw quantised pixels)")
-  print(f"best layer {best['layer']}: test accuracy {best['test_accuracy']:.4f} vs "
-        f"{baseline['test_accuracy']:.4f} on raw pixels")
-  report = {"layers": [{k: float(v) if k != "layer" else int(v) for k, v in row.items()
-                        if k in ("layer", "train_accuracy", "test_accuracy")} for row in results],
-            "pixels": {k: float(baseline[k]) for k in ("train_accuracy", "test_accuracy")},
-            "best_layer": int(best["layer"]), "classifier": "ridge regression (closed form)"}
+                               **settings)
+  # The best layer is chosen without the test split where cross-validation ran.
+  selection = "cv_accuracy" if config.probe_folds else "test_accuracy"
+  best = max(results, key=lambda row: row[selection])
+  rows = [(str(row["layer"]), row) for row in results] + [("pixels", baseline)]
+  print(f"{'layer':>6} {'l2':>8} {'cv acc':>8} {'train acc':>10} {'test acc':>9}")
+  for name, row in rows:
+    cv = "-" if row["cv_accuracy"] is None else f"{row['cv_accuracy']:.4f}"
+    print(f"{name:>6} {row['l2']:>8.0e} {cv:>8} {row['train_accuracy']:>10.4f} "
+          f"{row['test_accuracy']:>9.4f}")
+  note = (f"; cv acc = {config.probe_folds}-fold cross-validated accuracy on "
+          f"{config.train_split!r}, which chose l2") if config.probe_folds else ""
+  print(f"pixels = the same linear probe on the raw quantised pixels{note}")
+  print(f"best layer {best['layer']} (by {selection.replace('_', ' ')}): test accuracy "
+        f"{best['test_accuracy']:.4f} vs {baseline['test_accuracy']:.4f} on raw pixels")
+  report = {"layers": [{"layer": int(row["layer"]),
+                        **{key: row[key] for key in probe.REPORT_KEYS}} for row in results],
+            "pixels": {key: baseline[key] for key in probe.REPORT_KEYS},
+            "best_layer": int(best["layer"]), "best_layer_by": selection,
+            "classifier": "ridge regression (closed form), penalty chosen per feature set by "
+                          f"{config.probe_folds}-fold cross-validation on the train split"
+                          if config.probe_folds else "ridge regression (closed form)"}
   if _is_main_process():
     _write_text(os.path.join(workdir, "probe.json"), json.dumps(report, indent=2))
   return 0

@@ -56,7 +56,10 @@ def add_igpt_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   config.mask_prob = 0.15  # BERT: each position masked independently with this probability
   config.objective = "autoregressive"  # igpt_finetune: L_GEN of "autoregressive" or "bert"
   config.probe_layers = ()  # probe mode: layers in [0, depth]; () = all
-  config.probe_l2 = 1e-3  # probe mode: ridge penalty
+  # probe mode: ridge penalties, chosen per layer (and for the pixels) by probe_folds-fold
+  # cross-validation on the train split; probe_folds=0 needs a single penalty, e.g. (1e-3,).
+  config.probe_l2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+  config.probe_folds = 5
   config.sample = ml_collections.ConfigDict(dict(
       num_images=8,  # test images whose top half is the prompt
       num_samples=4,  # completions per image

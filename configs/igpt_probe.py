@@ -1,6 +1,7 @@
 r"""Linear probe of a pre-trained iGPT (paper Sec. 3.4): features are the average over positions
 of the normalised input of block l; a linear classifier is fitted on frozen features by
-closed-form ridge regression, for every layer, and compared with the same probe on raw pixels.
+closed-form ridge regression (penalty chosen by 5-fold cross-validation on the train split), for
+every layer, and compared with the same probe on raw pixels.
 
   python run.py --config configs/igpt_probe.py:cifar10 --workdir workdirs/igpt_probe \
       --config.init_from=workdirs/igpt_s --config.palette=workdirs/igpt_s/palette.npy \

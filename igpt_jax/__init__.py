@@ -1,7 +1,7 @@
 """Image GPT (Chen et al., 2020): palette, models, tasks, KV-cache sampling, linear probes."""
 from igpt_jax.models import ImageGPT, SIZES, abstract_variables, create_model
 from igpt_jax.palette import dequantize, fit_palette, load_palette, quantize, save_palette
-from igpt_jax.probe import extract_features, linear_probe, pixel_probe, probe_layers
+from igpt_jax.probe import cross_validate, extract_features, linear_probe, pixel_probe, probe_layers
 from igpt_jax.sampling import sample, sample_without_cache, save_sample_grid
 from igpt_jax.tasks import AutoregressiveTask, BertTask, FineTuneTask
 from igpt_jax.interop import export_hf, export_hf_from_checkpoint, load_hf, load_openai

@@ -6,14 +6,17 @@ forward pass per batch.
 
 The classifier is closed-form ridge regression on one-hot targets (features standardised with the
 training set's mean and standard deviation, an unpenalised bias, prediction = argmax). It is
-deterministic (one linear solve in float64, no iteration, no rng) and needs no learning-rate
-search. The paper trained logistic regression instead, so absolute accuracies here can differ from
-its numbers; comparisons between layers and against the raw-pixel baseline use the same probe.
+deterministic (linear solves in float64, no iteration; the cross-validation folds come from a
+fixed seed) and needs no learning-rate search. The ridge penalty is chosen from a grid by k-fold
+cross-validation on the training split, separately for each layer and for the pixels, so the test
+split only measures; `run.py --mode probe` also picks the best layer by cross-validated accuracy.
+The paper trained logistic regression instead, so absolute accuracies here can differ from its
+numbers; comparisons between layers and against the raw-pixel baseline use the same probe.
 
 These functions take arrays and iterables of arrays, never configs.
 """
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
@@ -69,66 +72,164 @@ def extract_features(model: models.ImageGPT, variables: Any,
   return np.concatenate(outputs, axis=1)
 
 
-def _standardise(train: np.ndarray, test: np.ndarray):
-  mean = train.mean(axis=0)
-  std = train.std(axis=0) + 1e-6
-  return (train - mean) / std, (test - mean) / std
+DEFAULT_L2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+DEFAULT_FOLDS = 5
+REPORT_KEYS = ("train_accuracy", "test_accuracy", "l2", "cv_accuracy")
+
+
+def _fit(x: np.ndarray, targets: np.ndarray, l2s: Sequence[float],
+         gram: Optional[np.ndarray] = None):
+  """Ridge regression of one-hot targets [n, classes] on standardised x [n, dim], per penalty.
+
+  x is standardised here with its own mean and standard deviation, and the targets are centred,
+  which makes the (unpenalised) bias exact. `gram` = x.T @ x of the raw x may be passed in when
+  dim <= n, so that cross-validation folds reuse one product.
+
+  Returns:
+    (x_mean, x_scale, target_mean, [weights [dim, classes] per penalty]); a prediction is
+    argmax((x' - x_mean) / x_scale @ weights + target_mean).
+  """
+  n, dim = x.shape
+  x_mean, target_mean = x.mean(axis=0), targets.mean(axis=0)
+  centred_targets = targets - target_mean
+  if dim <= n:
+    gram = (x.T @ x if gram is None else gram) - n * np.outer(x_mean, x_mean)  # centred
+    x_scale = np.sqrt(np.maximum(np.diag(gram) / n, 0.0)) + 1e-6
+    gram = gram / np.outer(x_scale, x_scale)
+    rhs = (x.T @ centred_targets) / x_scale[:, None]  # x's mean drops out: the targets sum to 0
+    weights = [np.linalg.solve(gram + l2 * n * np.eye(dim), rhs) for l2 in l2s]
+  else:  # The dual form: an n x n system instead of dim x dim.
+    x_scale = x.std(axis=0) + 1e-6
+    standardised = (x - x_mean) / x_scale
+    gram = standardised @ standardised.T
+    weights = [standardised.T @ np.linalg.solve(gram + l2 * n * np.eye(n), centred_targets)
+               for l2 in l2s]
+  return x_mean, x_scale, target_mean, weights
+
+
+def _predict(x: np.ndarray, fit, index: int) -> np.ndarray:
+  x_mean, x_scale, target_mean, weights = fit
+  return np.argmax((x - x_mean) / x_scale @ weights[index] + target_mean, axis=1)
+
+
+def _penalties(l2: Union[float, Sequence[float]]) -> Tuple[float, ...]:
+  return (l2,) if np.isscalar(l2) else tuple(l2)
+
+
+def check_probe_settings(l2: Union[float, Sequence[float]], folds: int,
+                         n: Optional[int] = None) -> None:
+  """Raises ValueError for penalties that are not positive, or folds that cannot be used with n
+  training examples (n=None: checks what can be checked without the data)."""
+  l2s = _penalties(l2)
+  if not l2s or any(not l2 > 0 for l2 in l2s):
+    raise ValueError(f"the probe's ridge penalties {tuple(l2s)} must be one or more positive "
+                     "numbers (config.probe_l2), e.g. (1e-3,) or (1e-4, 1e-3, 1e-2, 1e-1, 1.0).")
+  if folds == 1 or folds < 0 or (n is not None and folds > n):
+    limit = "" if n is None else f" up to the {n} training examples"
+    raise ValueError(f"probe folds={folds} is invalid; use 0 (no cross-validation) or 2 or "
+                     f"more{limit} (config.probe_folds).")
+  if len(l2s) > 1 and not folds:
+    raise ValueError(f"choosing among the ridge penalties {tuple(l2s)} needs cross-validation; "
+                     "set config.probe_folds >= 2 or give a single penalty in config.probe_l2.")
+
+
+def cross_validate(features: ArrayLike, labels: ArrayLike, *,
+                   l2: Union[float, Sequence[float]] = DEFAULT_L2, folds: int = DEFAULT_FOLDS,
+                   num_classes: Optional[int] = None, seed: int = 0) -> np.ndarray:
+  """Held-out accuracy of the ridge probe per penalty, by k-fold cross-validation.
+
+  The examples are cut into `folds` random folds (fixed by `seed`); each fold is predicted by the
+  probe `linear_probe` fits on the other folds (standardised with their statistics).
+
+  Returns:
+    [len(l2)] the fraction of examples predicted correctly while held out.
+  """
+  l2s = _penalties(l2)
+  x = np.asarray(features, np.float64).reshape(len(labels), -1)
+  y = np.asarray(labels).astype(np.int64)
+  check_probe_settings(l2s, folds, len(x))
+  if folds < 2:
+    raise ValueError(f"cross_validate needs folds >= 2, got {folds}.")
+  num_classes = num_classes or int(y.max()) + 1
+  targets = np.eye(num_classes)[y]
+  n, dim = x.shape
+  gram = x.T @ x if dim <= n else None
+  correct = np.zeros(len(l2s))
+  for held in np.array_split(np.random.default_rng(seed).permutation(n), folds):
+    keep = np.ones(n, bool)
+    keep[held] = False
+    fold_gram = gram - x[held].T @ x[held] if gram is not None and dim <= keep.sum() else None
+    fit = _fit(x[keep], targets[keep], l2s, fold_gram)
+    for i in range(len(l2s)):
+      correct[i] += np.sum(_predict(x[held], fit, i) == y[held])
+  return correct / n
 
 
 def linear_probe(train_features: ArrayLike, train_labels: ArrayLike, test_features: ArrayLike,
                  test_labels: ArrayLike, *, num_classes: Optional[int] = None,
-                 l2: float = 1e-3) -> Dict[str, Any]:
+                 l2: Union[float, Sequence[float]] = DEFAULT_L2, folds: int = DEFAULT_FOLDS,
+                 seed: int = 0) -> Dict[str, Any]:
   """Ridge-regression linear classifier on frozen features.
 
-  Solves min_W,b mean ||x W + b - onehot(y)||^2 + l2 ||W||^2 on standardised features.
+  Solves min_W,b mean ||x W + b - onehot(y)||^2 + l2 ||W||^2 on standardised features. With
+  several penalties, the one with the best `folds`-fold cross-validated accuracy on the training
+  examples is used (ties: the first listed); the test examples only measure the result.
 
   Args:
     train_features: [n_train, dim]; train_labels: [n_train] int.
     test_features: [n_test, dim]; test_labels: [n_test] int.
     num_classes: defaults to 1 + the largest label.
-    l2: ridge penalty (per example, on standardised features).
+    l2: a ridge penalty (per example, on standardised features) or a sequence to choose from.
+    folds: cross-validation folds (0 = none; then `l2` must be a single penalty).
+    seed: fixes the folds.
 
   Returns:
-    {"train_accuracy": float, "test_accuracy": float, "weights": [dim, classes],
-     "bias": [classes]} (weights act on standardised features).
+    {"train_accuracy": float, "test_accuracy": float, "l2": the penalty used,
+     "cv_accuracy": its cross-validated accuracy (None with folds=0),
+     "weights": [dim, classes], "bias": [classes], "feature_mean": [dim], "feature_scale": [dim]}:
+    the prediction for features x is argmax((x - feature_mean) / feature_scale @ weights + bias).
   """
+  l2s = _penalties(l2)
   x_train = np.asarray(train_features, np.float64).reshape(len(train_labels), -1)
   x_test = np.asarray(test_features, np.float64).reshape(len(test_labels), -1)
   y_train = np.asarray(train_labels).astype(np.int64)
   y_test = np.asarray(test_labels).astype(np.int64)
   if len(x_train) == 0 or len(x_test) == 0:
     raise ValueError("linear_probe needs at least one training and one test example.")
+  check_probe_settings(l2s, folds, len(x_train))
   num_classes = num_classes or int(max(y_train.max(), y_test.max())) + 1
-  x_train, x_test = _standardise(x_train, x_test)
-  targets = np.eye(num_classes)[y_train]
-  target_mean = targets.mean(axis=0)
-  targets = targets - target_mean  # With centred features this makes the bias exact.
-  n, dim = x_train.shape
-  penalty = l2 * n
-  if dim <= n:
-    weights = np.linalg.solve(x_train.T @ x_train + penalty * np.eye(dim), x_train.T @ targets)
-  else:  # The dual form: an n x n system instead of dim x dim.
-    weights = x_train.T @ np.linalg.solve(x_train @ x_train.T + penalty * np.eye(n), targets)
+  cv_accuracy = None
+  if folds:
+    accuracies = cross_validate(x_train, y_train, l2=l2s, folds=folds, num_classes=num_classes,
+                                seed=seed)
+    best = int(np.argmax(accuracies))
+    l2s, cv_accuracy = (l2s[best],), float(accuracies[best])
+  fit = _fit(x_train, np.eye(num_classes)[y_train], l2s)
 
   def accuracy(x, y):
-    return float(np.mean(np.argmax(x @ weights + target_mean, axis=1) == y))
+    return float(np.mean(_predict(x, fit, 0) == y))
 
   return {"train_accuracy": accuracy(x_train, y_train), "test_accuracy": accuracy(x_test, y_test),
-          "weights": weights.astype(np.float32), "bias": target_mean.astype(np.float32)}
+          "l2": float(l2s[0]), "cv_accuracy": cv_accuracy,
+          "weights": fit[3][0].astype(np.float32), "bias": fit[2].astype(np.float32),
+          "feature_mean": fit[0].astype(np.float32), "feature_scale": fit[1].astype(np.float32)}
 
 
 def probe_layers(train_features: ArrayLike, train_labels: ArrayLike, test_features: ArrayLike,
                  test_labels: ArrayLike, *, layers: Optional[Sequence[int]] = None,
-                 num_classes: Optional[int] = None, l2: float = 1e-3) -> List[Dict[str, Any]]:
-  """A linear probe per layer.
+                 num_classes: Optional[int] = None,
+                 l2: Union[float, Sequence[float]] = DEFAULT_L2, folds: int = DEFAULT_FOLDS,
+                 seed: int = 0) -> List[Dict[str, Any]]:
+  """A linear probe per layer (`linear_probe`, with its penalty chosen per layer).
 
   Args:
     train_features: [num_layers, n_train, width] (from `extract_features`);
     test_features: [num_layers, n_test, width]; labels [n] int.
     layers: the layer numbers of the leading axis (for the report); default 0..num_layers-1.
+    num_classes, l2, folds, seed: as `linear_probe`.
 
   Returns:
-    one {"layer", "train_accuracy", "test_accuracy"} per layer, in order.
+    one {"layer", "train_accuracy", "test_accuracy", "l2", "cv_accuracy"} per layer, in order.
   """
   train_features = np.asarray(train_features)
   test_features = np.asarray(test_features)
@@ -138,29 +239,32 @@ def probe_layers(train_features: ArrayLike, train_labels: ArrayLike, test_featur
   layers = list(range(len(train_features))) if layers is None else list(layers)
   report = []
   for layer, train, test in zip(layers, train_features, test_features):
-    result = linear_probe(train, train_labels, test, test_labels, num_classes=num_classes, l2=l2)
-    report.append({"layer": layer, "train_accuracy": result["train_accuracy"],
-                   "test_accuracy": result["test_accuracy"]})
+    result = linear_probe(train, train_labels, test, test_labels, num_classes=num_classes, l2=l2,
+                          folds=folds, seed=seed)
+    report.append({"layer": layer, **{key: result[key] for key in REPORT_KEYS}})
   return report
 
 
 def pixel_probe(train_ids: ArrayLike, train_labels: ArrayLike, test_ids: ArrayLike,
                 test_labels: ArrayLike, palette: ArrayLike, *,
-                num_classes: Optional[int] = None, l2: float = 1e-3) -> Dict[str, Any]:
-  """Baseline: the same linear probe on the raw quantised pixels.
+                num_classes: Optional[int] = None,
+                l2: Union[float, Sequence[float]] = DEFAULT_L2, folds: int = DEFAULT_FOLDS,
+                seed: int = 0) -> Dict[str, Any]:
+  """Baseline: the same linear probe (same penalties and folds) on the raw quantised pixels.
 
   Features are the palette colours of the ids, flattened: [n, length * 3].
 
   Args:
     train_ids, test_ids: [n, length] int cluster ids; labels [n] int.
     palette: [num_clusters, 3].
+    num_classes, l2, folds, seed: as `linear_probe`.
 
   Returns:
-    {"train_accuracy", "test_accuracy", "weights", "bias"} as `linear_probe`.
+    the dictionary of `linear_probe`.
   """
   def pixels(ids):
     ids = np.asarray(ids)
     return np.asarray(palette_lib.dequantize(ids, palette)).reshape(len(ids), -1)
 
   return linear_probe(pixels(train_ids), train_labels, pixels(test_ids), test_labels,
-                      num_classes=num_classes, l2=l2)
+                      num_classes=num_classes, l2=l2, folds=folds, seed=seed)

@@ -406,6 +406,47 @@ def test_linear_probe_beats_chance_on_an_easy_problem():
   assert shuffled["test_accuracy"] < 0.75
 
 
+def test_cross_validation_matches_refitting_each_fold():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, 90)
+  for dim in (6, 120):  # the primal (shared Gram matrix) and the dual solves
+    features = rng.normal(size=(90, dim)) + labels[:, None] * rng.normal(size=dim)
+    penalties = (1e-3, 1e-1, 10.0)
+    fast = probe.cross_validate(features, labels, l2=penalties, folds=3, seed=4)
+    # Reference: fit a probe on each fold's complement from scratch.
+    x = features
+    held_out = np.array_split(np.random.default_rng(4).permutation(90), 3)
+    for i, l2 in enumerate(penalties):
+      correct = 0
+      for held in held_out:
+        keep = np.setdiff1d(np.arange(90), held)
+        fit = probe.linear_probe(x[keep], labels[keep], x[held], labels[held], l2=l2, folds=0,
+                                 num_classes=3)
+        correct += round(fit["test_accuracy"] * len(held))
+      assert fast[i] == pytest.approx(correct / 90)
+  # linear_probe keeps the penalty with the best cross-validated accuracy.
+  result = probe.linear_probe(features, labels, features[:10], labels[:10], l2=penalties,
+                              folds=3, seed=4)
+  best = int(np.argmax(probe.cross_validate(features, labels, l2=penalties, folds=3, seed=4)))
+  assert result["l2"] == penalties[best]
+  # The returned standardisation, weights and bias reproduce its predictions.
+  scores = ((features[:10] - result["feature_mean"]) / result["feature_scale"] @ result["weights"]
+            + result["bias"])
+  assert np.mean(np.argmax(scores, 1) == labels[:10]) == pytest.approx(
+      result["test_accuracy"], abs=0.1)
+
+
+@pytest.mark.parametrize("l2, folds, message", [
+    ((), 5, "must be one or more positive numbers"),
+    ((1e-3, -1.0), 5, "must be one or more positive numbers"),
+    ((1e-3,), 1, "probe folds=1 is invalid"),
+    ((1e-3, 1e-2), 0, "needs cross-validation"),
+])
+def test_probe_settings_are_checked(l2, folds, message):
+  with pytest.raises(ValueError, match=message):
+    probe.check_probe_settings(l2, folds)
+
+
 def test_sharded_loss_equals_unsharded():
   from common_jax import sharding  # pylint: disable=g-import-not-at-top
   palette = _palette()

@@ -81,6 +81,9 @@ def _fake_run(workdir, palette=True):
     ("init_from_empty", r"config.init_from=.* holds no checkpoint"),
     ("refit_palette", r"holds checkpoints trained on the colour ids of .*palette.npy"),
     ("probe_without_palette", r"has no palette.npy; train there first"),
+    ("probe_layer", r"probe layer 3 is out of range; use 0..2"),
+    ("probe_l2", r"ridge penalties \(0.0,\) must be one or more positive numbers"),
+    ("probe_folds", r"choosing among the ridge penalties .* needs cross-validation"),
 ])
 def test_igpt_settings_fail_before_compute(tmp_path, case, message):
   data_dir, workdir = tmp_path / "data", tmp_path / "workdir"
@@ -99,6 +102,11 @@ def test_igpt_settings_fail_before_compute(tmp_path, case, message):
     mode = "palette"
   elif case == "probe_without_palette":
     mode = "probe"
+  elif case.startswith("probe_"):
+    _fake_run(workdir)
+    mode = "probe"
+    overrides = {"probe_layer": {"probe_layers": (3,)}, "probe_l2": {"probe_l2": (0.0,)},
+                 "probe_folds": {"probe_folds": 0}}[case]
   before = sorted(os.walk(workdir))
   with pytest.raises(ValueError, match=message):
     run.make_plan(_igpt_config(data_dir, **overrides), str(workdir), mode)
@@ -196,7 +204,8 @@ def _igpt(workdir, data_dir, *extra):
   command = [sys.executable, os.path.join(ROOT, "run.py"), "--config=configs/igpt_digits.py",
              f"--workdir={workdir}", f"--config.data_dir={data_dir}",
              "--config.model.width=32", "--config.model.depth=2", "--config.model.mlp_dim=64",
-             "--config.model.num_heads=2", "--config.total_steps=30", "--config.log_every=10",
+             "--config.model.num_heads=2", "--config.total_steps=30",
+             "--config.optimizer.warmup_steps=5", "--config.log_every=10",
              "--config.eval_every=0", "--config.checkpoint_every=0",
              "--config.sample.num_images=3", "--config.sample.num_samples=2", *extra]
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
@@ -232,4 +241,8 @@ def test_igpt_palette_train_sample_probe(tmp_path):
   assert [row["layer"] for row in report["layers"]] == [0, 1, 2]
   assert all(0.1 < row["test_accuracy"] <= 1 for row in report["layers"])
   assert 0.5 < report["pixels"]["test_accuracy"] <= 1
+  assert report["best_layer_by"] == "cv_accuracy"
+  best = max(report["layers"], key=lambda row: row["cv_accuracy"])
+  assert report["best_layer"] == best["layer"]
+  assert all(row["l2"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) for row in report["layers"])
   assert "on raw pixels" in output
