@@ -256,8 +256,9 @@ def _check_igpt(config, workdir: str, mode: str) -> None:
                         "the workdir of an iGPT pre-training run.")
   if mode == "probe":
     from igpt_jax import probe  # pylint: disable=g-import-not-at-top
+    model = _igpt_model(config)
     for layer in config.probe_layers:
-      _igpt_model(config).check_layer(layer)
+      model.check_layer(layer)
     probe.check_probe_settings(tuple(config.probe_l2), config.probe_folds)
   path = palette_path(config, workdir)
   if mode == "palette" and os.path.exists(path) and _has_checkpoints(workdir):
