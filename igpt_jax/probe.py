@@ -82,8 +82,9 @@ def _fit(x: np.ndarray, targets: np.ndarray, l2s: Sequence[float],
   """Ridge regression of one-hot targets [n, classes] on standardised x [n, dim], per penalty.
 
   x is standardised here with its own mean and standard deviation, and the targets are centred,
-  which makes the (unpenalised) bias exact. `gram` = x.T @ x of the raw x may be passed in when
-  dim <= n, so that cross-validation folds reuse one product.
+  which makes the (unpenalised) bias exact. `gram` = x.T @ x may be passed in when
+  dim <= n, so that cross-validation folds reuse one product (x should then be centred on a
+  superset, or the centring below loses precision).
 
   Returns:
     (x_mean, x_scale, target_mean, [weights [dim, classes] per penalty]); a prediction is
@@ -93,7 +94,11 @@ def _fit(x: np.ndarray, targets: np.ndarray, l2s: Sequence[float],
   x_mean, target_mean = x.mean(axis=0), targets.mean(axis=0)
   centred_targets = targets - target_mean
   if dim <= n:
-    gram = (x.T @ x if gram is None else gram) - n * np.outer(x_mean, x_mean)  # centred
+    if gram is None:
+      centred = x - x_mean
+      gram = centred.T @ centred
+    else:  # Accurate when x is nearly centred already (cross_validate centres it).
+      gram = gram - n * np.outer(x_mean, x_mean)
     x_scale = np.sqrt(np.maximum(np.diag(gram) / n, 0.0)) + 1e-6
     gram = gram / np.outer(x_scale, x_scale)
     rhs = (x.T @ centred_targets) / x_scale[:, None]  # x's mean drops out: the targets sum to 0
@@ -152,6 +157,7 @@ def cross_validate(features: ArrayLike, labels: ArrayLike, *,
     raise ValueError(f"cross_validate needs folds >= 2, got {folds}.")
   num_classes = num_classes or int(y.max()) + 1
   targets = np.eye(num_classes)[y]
+  x = x - x.mean(axis=0)  # The folds re-standardise; centring first keeps the Gram accurate.
   n, dim = x.shape
   gram = x.T @ x if dim <= n else None
   correct = np.zeros(len(l2s))
