@@ -11,7 +11,7 @@ masked with probability 0.15, no causal mask; workdir workdirs/igpt_digits_bert)
 Data: scikit-learn's 8x8 digits (64-token sequences), a 16-colour palette (the digits have 17
 grey levels); training digits shifted by up to one pixel. Model: 2 blocks of width 256 (8 heads,
 MLP 512), batch 32, 1,000 steps. Adam (0.9, 0.95), warm-up one epoch, cosine to 0.
-Expected (2-core CPU, measured in the README): under 6 minutes; test 1.89 bits per token against
+Expected (2-core CPU, measured in the README): about 6 minutes; test 1.89 bits per token against
 the palette's unigram entropy of 2.86 bits (printed by the palette step, written to
 <workdir>/palette.json). Linear probe (penalty and best layer chosen by 5-fold cross-validation
 on the train split): best layer 96.3% against 94.4% for the same probe on raw pixels; :bert
