@@ -16,7 +16,7 @@ numbers; comparisons between layers and against the raw-pixel baseline use the s
 These functions take arrays and iterables of arrays, never configs.
 """
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
@@ -77,8 +77,17 @@ DEFAULT_FOLDS = 5
 REPORT_KEYS = ("train_accuracy", "test_accuracy", "l2", "cv_accuracy")
 
 
+class _Ridge(NamedTuple):
+  """Fitted ridge probes: the prediction for x' with penalty i is
+  argmax((x' - x_mean) / x_scale @ weights[i] + target_mean)."""
+  x_mean: np.ndarray
+  x_scale: np.ndarray
+  target_mean: np.ndarray
+  weights: List[np.ndarray]  # [dim, classes], one per penalty
+
+
 def _fit(x: np.ndarray, targets: np.ndarray, l2s: Sequence[float],
-         gram: Optional[np.ndarray] = None):
+         gram: Optional[np.ndarray] = None) -> _Ridge:
   """Ridge regression of one-hot targets [n, classes] on standardised x [n, dim], per penalty.
 
   x is standardised here with its own mean and standard deviation, and the targets are centred,
@@ -87,8 +96,7 @@ def _fit(x: np.ndarray, targets: np.ndarray, l2s: Sequence[float],
   superset, or the centring below loses precision).
 
   Returns:
-    (x_mean, x_scale, target_mean, [weights [dim, classes] per penalty]); a prediction is
-    argmax((x' - x_mean) / x_scale @ weights + target_mean).
+    the fits, one weight matrix per penalty.
   """
   n, dim = x.shape
   x_mean, target_mean = x.mean(axis=0), targets.mean(axis=0)
@@ -109,12 +117,11 @@ def _fit(x: np.ndarray, targets: np.ndarray, l2s: Sequence[float],
     gram = standardised @ standardised.T
     weights = [standardised.T @ np.linalg.solve(gram + l2 * n * np.eye(n), centred_targets)
                for l2 in l2s]
-  return x_mean, x_scale, target_mean, weights
+  return _Ridge(x_mean, x_scale, target_mean, weights)
 
 
-def _predict(x: np.ndarray, fit, index: int) -> np.ndarray:
-  x_mean, x_scale, target_mean, weights = fit
-  return np.argmax((x - x_mean) / x_scale @ weights[index] + target_mean, axis=1)
+def _predict(x: np.ndarray, fit: _Ridge, index: int) -> np.ndarray:
+  return np.argmax((x - fit.x_mean) / fit.x_scale @ fit.weights[index] + fit.target_mean, axis=1)
 
 
 def _penalties(l2: Union[float, Sequence[float]]) -> Tuple[float, ...]:
@@ -217,8 +224,10 @@ def linear_probe(train_features: ArrayLike, train_labels: ArrayLike, test_featur
 
   return {"train_accuracy": accuracy(x_train, y_train), "test_accuracy": accuracy(x_test, y_test),
           "l2": float(l2s[0]), "cv_accuracy": cv_accuracy,
-          "weights": fit[3][0].astype(np.float32), "bias": fit[2].astype(np.float32),
-          "feature_mean": fit[0].astype(np.float32), "feature_scale": fit[1].astype(np.float32)}
+          "weights": fit.weights[0].astype(np.float32),
+          "bias": fit.target_mean.astype(np.float32),
+          "feature_mean": fit.x_mean.astype(np.float32),
+          "feature_scale": fit.x_scale.astype(np.float32)}
 
 
 def probe_layers(train_features: ArrayLike, train_labels: ArrayLike, test_features: ArrayLike,
