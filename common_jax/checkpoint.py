@@ -2,7 +2,7 @@
 whatever mesh the new run has (the abstract target carries the new shardings)."""
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -44,22 +44,52 @@ class Checkpointer:
           f"({type(error).__name__}: {str(error).splitlines()[0][:300]}); use a new --workdir "
           "or the config the checkpoint was written with.") from error
 
-  def read_numpy(self, step: Optional[int] = None) -> Any:
-    """The whole saved tree at `step` (default: latest) as host numpy arrays, on any topology.
+  def all_steps(self) -> Sequence[int]:
+    return list(self._manager.all_steps())
 
-    For reading parameters into another task or exporting them; resuming uses `restore`.
+  def params_metadata(self, step: Optional[int] = None) -> Tuple[int, Any]:
+    """(step, tree of jax.ShapeDtypeStruct) of the saved parameters; no array is read."""
+    with self._params_reader() as manager:
+      step = self._existing_step(manager, step)
+      tree = manager.item_metadata(step)["params"]
+    return step, jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype), tree)
+
+  def read_params(self, step: Optional[int] = None) -> Any:
+    """The parameters saved at `step` (default: latest) as host numpy arrays, on any topology.
+
+    Only the `params` subtree is restored (the optimiser state is never read into memory), so a
+    checkpoint written on any mesh with any optimiser can be read for evaluation, sampling,
+    probing, exporting or initialising another run. Nothing under the workdir is written.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise ValueError(f"{self.directory} holds no checkpoint; train first or point "
-                       "config.init_from at a workdir that has one.")
-    path = os.path.join(self.directory, str(step), "default")
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      metadata = checkpointer.metadata(path)
-      tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
+    with self._params_reader() as manager:
+      step = self._existing_step(manager, step)
+      tree = manager.item_metadata(step)["params"]
       restore_args = jax.tree_util.tree_map(
           lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-      return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+      abstract = jax.tree_util.tree_map(
+          lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype), tree)
+      restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+          item={"params": abstract}, restore_args={"params": restore_args},
+          partial_restore=True))
+    return restored["params"]
+
+  def _params_reader(self) -> ocp.CheckpointManager:
+    # A read-only manager of its own: the PyTree handler restores a subtree (partial_restore),
+    # which the train state's handler does not.
+    return ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+        item_handlers=ocp.PyTreeCheckpointHandler())
+
+  def _existing_step(self, manager: ocp.CheckpointManager, step: Optional[int]) -> int:
+    steps = list(manager.all_steps())
+    if step is None:
+      step = manager.latest_step()
+    if step is None or step not in steps:
+      at = "" if step is None else f" at step {step}"
+      raise ValueError(f"{self.directory} holds no checkpoint{at}; train first or point "
+                       f"config.init_from / --workdir at a run that saved one (steps: {steps}).")
+    return step
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
