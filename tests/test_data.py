@@ -123,6 +123,25 @@ def test_ops_do_what_their_names_say():
   np.testing.assert_allclose(scaled, [[[0, 0.5, 1]]], atol=1e-6)
 
 
+@pytest.mark.parametrize("vmin, vmax, in_min, in_max",
+                         [(-1, 1, 0, 255), (0, 1, 10, 20), (0, 255, 0, 255), (-0.5, 2.5, -3, 300)])
+def test_value_range_gives_the_bits_of_the_plain_expression_without_touching_its_input(
+    vmin, vmax, in_min, in_max):
+  rng = np.random.default_rng(0)
+  inputs = [np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2),
+            rng.integers(0, 256, (7, 9, 3), np.uint8)[:, ::-1],  # a flipped view
+            rng.uniform(-400, 400, (5, 6, 3)).astype(np.float32),
+            rng.integers(-50, 300, (4, 4, 3))]  # int64
+  op = data.parse_preprocess(f"value_range({vmin},{vmax},in_min={in_min},in_max={in_max})")
+  for image in inputs:
+    before = image.copy()
+    scaled = op({"image": image}, rng)["image"]
+    plain = (vmin + (np.asarray(image, np.float32) - in_min)
+             * ((vmax - vmin) / (in_max - in_min))).astype(np.float32)
+    assert scaled.dtype == np.float32 and scaled.tobytes() == plain.tobytes()
+    np.testing.assert_array_equal(image, before)
+
+
 def test_same_seed_same_batches_other_seed_other_batches(digits_dir):
   make = lambda seed: data.train_iterator(dataset="sklearn_digits", split="train",
                                           preprocess=AUGMENT, global_batch_size=64, seed=seed,
@@ -280,3 +299,99 @@ def test_worker_processes_do_not_change_the_batches(digits_dir):
   for a, b in zip(in_process, with_workers):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
+
+
+
+def write_image_folder(root, rng, splits=(("train", 4),), classes=("ant", "cat", "dog")):
+  """<root>/<split>/<class>/<i>.png|jpg of varying sizes: even i PNG, odd i JPEG."""
+  for split, per_class in splits:
+    for class_index, class_name in enumerate(classes):
+      for i in range(per_class):
+        image = rng.integers(0, 256, (10 + i, 12 + class_index, 3), np.uint8)
+        write_png(str(root / split / class_name / f"{i}.{'jpg' if i % 2 else 'png'}"), image)
+
+
+def test_worker_processes_read_image_folders_with_the_same_batches(tmp_path):
+  root = tmp_path / "folder"
+  write_image_folder(root, np.random.default_rng(0))
+  assert {path.suffix for path in root.glob("train/*/*")} == {".png", ".jpg"}
+  kwargs = dict(dataset=f"image_folder:{root}", split="train", global_batch_size=6, seed=2,
+                preprocess="decode|inception_crop(8)|flip_lr|value_range(-1,1)",
+                start_step=2, data_dir=str(tmp_path / "tfds"))
+  in_process = take(data.train_iterator(**kwargs), 4)  # epochs 1 and 2 of the 12 images
+  iterator = data.train_iterator(**kwargs, worker_count=2)
+  with_workers = take(iterator, 4)
+  iterator.close()
+  for a, b in zip(in_process, with_workers):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  assert collections.Counter(np.concatenate([b["label"] for b in in_process]).tolist()) == {
+      0: 8, 1: 8, 2: 8}
+
+
+def test_sources_reopen_in_a_fresh_process_for_every_builder_kind(tmp_path, digits_dir):
+  """What Grain pickles into its workers: no builder class or test module needed there."""
+  import pickle
+  import subprocess
+  from common_jax.data import pipeline
+  root = tmp_path / "folder"
+  write_image_folder(root, np.random.default_rng(1))
+  GreyCatalogueStandIn(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  sources = [pipeline._data_source("sklearn_digits", "train[10:20]", digits_dir, None),
+             pipeline._data_source(f"image_folder:{root}", "train", str(tmp_path), None),
+             pipeline._data_source("grey_catalogue_stand_in", "train", str(tmp_path), None)]
+  builder = data.get_builder(f"image_folder:{root}", str(tmp_path))
+  child = ("import pickle, sys; sources, builder = pickle.load(sys.stdin.buffer); "
+           "pickle.dump(([[s[i] for i in range(len(s))] for s in sources], "
+           "str(builder.data_dir), 'test_data' in sys.modules), sys.stdout.buffer)")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", child], input=pickle.dumps((sources, builder)),
+                          capture_output=True, cwd=str(tmp_path),
+                          env={**os.environ, "PYTHONPATH": repo})
+  assert result.returncode == 0, result.stderr.decode()[-3000:]
+  records, builder_dir, imported_tests = pickle.loads(result.stdout)
+  assert builder_dir == str(builder.data_dir) and not imported_tests
+  assert [len(r) for r in records] == [10, 12, 9]
+  for source, reopened in zip(sources, records):
+    for i, record in enumerate(reopened):
+      assert record.keys() == source[i].keys()
+      for key in record:
+        assert type(record[key]) is type(source[i][key])
+        np.testing.assert_array_equal(record[key], source[i][key])
+
+
+def test_vit_trains_on_an_image_folder_with_worker_processes(tmp_path):
+  """config.data_workers=2 on an image folder, through the loop as run.py drives it."""
+  from common_jax import optim, sharding, train
+  from vit_jax.tasks import ClassificationTask
+  root = tmp_path / "folder"
+  write_image_folder(root, np.random.default_rng(2), splits=(("train", 4), ("test", 2)))
+  data_args = dict(dataset=f"image_folder:{root}", data_dir=str(tmp_path / "tfds"))
+  workdir = tmp_path / "workdir"
+  workdir.mkdir()  # run.py creates it before the loop runs
+  iterators = []
+
+  def train_data(start_step):
+    iterators.append(data.train_iterator(
+        split="train", preprocess="decode|inception_crop(8)|flip_lr|value_range(-1,1)",
+        global_batch_size=8, seed=0, start_step=start_step, worker_count=2, **data_args))
+    return iterators[-1]
+
+  def eval_data():
+    return data.eval_iterator(split="test", preprocess="decode|resize(8)|value_range(-1,1)",
+                              global_batch_size=8, **data_args)
+
+  task = ClassificationTask("custom", num_classes=3, image_size=8, model_options=dict(
+      width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=4))
+  try:
+    result = train.train_and_evaluate(
+        task, loop=train.LoopConfig(total_steps=3, batch_size=8, log_every=1, eval_every=0,
+                                    checkpoint_every=0, async_checkpoints=False),
+        optimizer=optim.OptimizerConfig(name="sgd", learning_rate=0.01, decay="constant"),
+        mesh_config=sharding.MeshConfig(data=-1), workdir=str(workdir),
+        train_data=train_data, eval_data=eval_data, tensorboard=False)
+  finally:
+    for iterator in iterators:
+      iterator.close()
+  assert result["step"] == 3 and len(iterators) == 1
+  assert np.isfinite(result["eval"]["loss"]) and 0 <= result["eval"]["accuracy"] <= 1

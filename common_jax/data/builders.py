@@ -116,6 +116,10 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
     basename = re.sub(r"[^a-zA-Z0-9_]", "_", os.path.basename(self.root)) or "root"
     config = tfds.core.BuilderConfig(name=f"{basename}_{listing.hexdigest()[:12]}")
     super().__init__(config=config, **kwargs)
+    # tfds pickles a builder as `_original_state` and unpickles it by calling `__init__` with it;
+    # the base class records only its own arguments, which lack `root`. (The pipeline does not
+    # pickle builders: its sources reopen the prepared directory, see pipeline._SplitSource.)
+    self._original_state = dict(root=self.root, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

@@ -63,7 +63,38 @@ def _classification_builder(dataset: str, data_dir: Optional[str],
   return builder
 
 
-def _data_source(dataset: str, split: str, data_dir: Optional[str], manual_dir: Optional[str]):
+class _SplitSource:
+  """The records of one prepared split, by index; pickles as (prepared directory, split).
+
+  Grain pickles the whole dataset into each of its worker processes. A tfds source holds its
+  builder, and tfds pickles a builder as the arguments of `DatasetBuilder.__init__`, which the
+  worker then passes to the builder's own `__init__`: that fails for builders with arguments of
+  their own (`ImageFolder(root=...)`), needs the builder's class importable in the worker, and
+  would list and hash a whole image folder again in every worker. This source instead reopens
+  the split in the worker from the directory the parent read, with `tfds.builder_from_directory`,
+  which restores the features saved there: the same files, decoded the same way, for every
+  builder kind (catalogue, ours, image folders), and nothing listed or built again.
+  """
+
+  def __init__(self, builder_dir: str, split: str, source=None):
+    self._builder_dir, self._split = builder_dir, split
+    if source is None:
+      with builders.quiet_tfds():
+        source = tfds.builder_from_directory(builder_dir).as_data_source(split=split)
+    self._source = source
+
+  def __reduce__(self):
+    return _SplitSource, (self._builder_dir, self._split)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._source[index]
+
+
+def _data_source(dataset: str, split: str, data_dir: Optional[str],
+                 manual_dir: Optional[str]) -> _SplitSource:
   """The random-access source of one split (a split spec such as 'train[:90%]' works too)."""
   builder = _classification_builder(dataset, data_dir, manual_dir)
   try:
@@ -75,7 +106,7 @@ def _data_source(dataset: str, split: str, data_dir: Optional[str], manual_dir: 
         f"{sorted(builder.info.splits)}, or a slice such as 'train[:90%]'.") from None
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(f"split {split!r} of config.dataset={dataset!r} is empty; choose another.")
-  return source
+  return _SplitSource(str(builder.data_dir), split, source)
 
 
 def _example_fn(preprocess: str) -> Callable[[dict[str, Any], np.random.Generator], Batch]:
