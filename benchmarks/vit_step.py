@@ -53,13 +53,13 @@ def main():
     global_batch = sharding.global_batch(batch, mesh)
     engine = _time(trainer.train_step, state, global_batch, args.steps)
 
-  model = task.build_model()
+  model = task.model
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch["image"][:1])["params"])
 
   @jax.jit
   def reference_step(carry, batch):
     params, opt_state = carry
-    loss_fn = lambda p: task.loss_and_metrics(model, p, batch, jax.random.PRNGKey(0), True)
+    loss_fn = lambda p: task.loss_and_metrics(p, batch, jax.random.PRNGKey(0), True)
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss

@@ -18,18 +18,25 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# (logical name, mesh axes). Flax uses the first rule whose mesh axes are still free for the
-# array, so an activation ("batch", "length", "embed") shards batch over data x fsdp and keeps
-# embed whole, while a parameter ("embed", "mlp") shards embed over fsdp (ZeRO-3 style).
+# (logical name, mesh axes). Parameters and activations have names of their own, so a rule
+# changed for one never moves the other. Flax uses the first rule whose mesh axes are still
+# free for the array.
 DEFAULT_RULES: Tuple[Tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    # Parameters: `embed` sharded over fsdp (ZeRO-3 style), the wide axes over tensor.
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("vocab", "tensor"),
     ("kv", None),
-    ("length", None),
     ("classes", None),
+    # Activations: the batch over data x fsdp, features whole except where tensor splits them.
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_vocab", "tensor"),
 )
 
 

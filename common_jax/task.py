@@ -21,30 +21,31 @@ Metrics = Dict[str, jax.Array]
 
 
 class Task(abc.ABC):
-  """Base class of the tasks of the shared loop."""
+  """Base class of the tasks of the shared loop.
+
+  A task owns its model (`self.model`, built once at construction so that shape errors surface
+  before any compute); the loop never hands it back.
+  """
 
   #: Metric (from `evaluate`'s averages) that is reported as the headline number.
   headline_metric: str = "loss"
-
-  @abc.abstractmethod
-  def build_model(self) -> nn.Module:
-    """The Flax module this task trains."""
+  model: nn.Module
 
   @abc.abstractmethod
   def dummy_batch(self, batch_size: int) -> Dict[str, np.ndarray]:
     """A batch of the right shapes and dtypes (contents irrelevant), used to initialise."""
 
-  def init_variables(self, model: nn.Module, rng: jax.Array, batch: Batch) -> Any:
+  def init_variables(self, rng: jax.Array, batch: Batch) -> Any:
     """Initial variables ({"params": ...}, parameters boxed with logical axis names)."""
-    return model.init(rng, batch["image"], train=False)
+    return self.model.init(rng, batch["image"], train=False)
 
   @abc.abstractmethod
-  def loss_and_metrics(self, model: nn.Module, params: Any, batch: Batch, rng: jax.Array,
+  def loss_and_metrics(self, params: Any, batch: Batch, rng: jax.Array,
                        train: bool) -> Tuple[jax.Array, Metrics]:
     """Scalar mean loss over the batch and scalar metrics (means over the batch)."""
 
   @abc.abstractmethod
-  def eval_sums(self, model: nn.Module, params: Any, batch: Batch) -> Metrics:
+  def eval_sums(self, params: Any, batch: Batch) -> Metrics:
     """Sums over the batch, rows weighted by batch["mask"]; must include "count".
 
     The loop adds them up over the whole split and reports sum / count for each key.

@@ -95,7 +95,7 @@ class Trainer:
   accum_steps: int = 1
 
   def __post_init__(self):
-    self.model = self.task.build_model()
+    self.model = self.task.model
     self._dummy = self.task.dummy_batch(1)
     with self.context():
       abstract = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
@@ -120,13 +120,13 @@ class Trainer:
   def _init_boxed(self, rng: jax.Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     batch = {k: jnp.asarray(v) for k, v in self._dummy.items()}
-    variables = self.task.init_variables(self.model, init_rng, batch)
+    variables = self.task.init_variables(init_rng, batch)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.tx.init(params), rng=state_rng)
 
   def _loss(self, params, batch, rng):
-    return self.task.loss_and_metrics(self.model, params, batch, rng, True)
+    return self.task.loss_and_metrics(params, batch, rng, True)
 
   def _train_step(self, state: TrainState, batch) -> Tuple[TrainState, Dict[str, jax.Array]]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -157,7 +157,7 @@ class Trainer:
     return new_state, metrics
 
   def _eval_step(self, params, batch) -> Dict[str, jax.Array]:
-    return self.task.eval_sums(self.model, params, batch)
+    return self.task.eval_sums(params, batch)
 
   def evaluate(self, params, batches: Iterable[LocalBatch]) -> Dict[str, float]:
     """Runs eval_sums over all batches and returns sum / count for every metric."""

@@ -89,9 +89,6 @@ class _ImageGPTTask(Task):
         variant, image_size=image_size, num_clusters=len(palette), num_classes=num_classes,
         causal=self.objective == "autoregressive", **self.model_options)
 
-  def build_model(self) -> nn.Module:
-    return self.model
-
   def dummy_batch(self, batch_size: int) -> Dict[str, np.ndarray]:
     batch = {"image": np.zeros((batch_size, self.image_size, self.image_size, 3), np.float32)}
     if self.num_classes:
@@ -113,11 +110,11 @@ class _ImageGPTTask(Task):
     """[batch, length] bool, each position True (masked) independently with mask_prob."""
     return jax.random.bernoulli(rng, self.mask_prob, ids.shape)
 
-  def init_variables(self, model: nn.Module, rng: jax.Array, batch: Batch) -> Any:
+  def init_variables(self, rng: jax.Array, batch: Batch) -> Any:
     ids = self.token_ids(batch)
     if self.num_classes:
-      return model.init(rng, ids, method=models.ImageGPT.classify)
-    return model.init(rng, ids)
+      return self.model.init(rng, ids, method=models.ImageGPT.classify)
+    return self.model.init(rng, ids)
 
 
 class AutoregressiveTask(_ImageGPTTask):
@@ -125,16 +122,15 @@ class AutoregressiveTask(_ImageGPTTask):
 
   objective = "autoregressive"
 
-  def loss_and_metrics(self, model: nn.Module, params: Any, batch: Batch, rng: jax.Array,
-                       train: bool) -> Tuple[jax.Array, Metrics]:
+  def loss_and_metrics(self, params: Any, batch: Batch, rng: jax.Array, train: bool) -> Tuple[jax.Array, Metrics]:
     ids = self.token_ids(batch)
-    logits = model.apply(_variables(params), ids, train=train, rngs={"dropout": rng})
+    logits = self.model.apply(_variables(params), ids, train=train, rngs={"dropout": rng})
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids))
     return loss, {"loss": loss, "bits_per_token": loss / LN2}
 
-  def eval_sums(self, model: nn.Module, params: Any, batch: Batch) -> Metrics:
+  def eval_sums(self, params: Any, batch: Batch) -> Metrics:
     ids = self.token_ids(batch)
-    logits = model.apply(_variables(params), ids)
+    logits = self.model.apply(_variables(params), ids)
     per_image = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids), axis=1)
     weights = _row_weights(batch)
     nats = jnp.sum(per_image * weights)
@@ -148,26 +144,25 @@ class BertTask(_ImageGPTTask):
 
   objective = "bert"
 
-  def _nll(self, model, params, ids, masked, train, rng):
+  def _nll(self, params, ids, masked, train, rng):
     rngs = {"dropout": rng} if rng is not None else None
-    logits = model.apply(_variables(params), ids, masked=masked, train=train, rngs=rngs)
+    logits = self.model.apply(_variables(params), ids, masked=masked, train=train, rngs=rngs)
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids)
 
-  def loss_and_metrics(self, model: nn.Module, params: Any, batch: Batch, rng: jax.Array,
-                       train: bool) -> Tuple[jax.Array, Metrics]:
+  def loss_and_metrics(self, params: Any, batch: Batch, rng: jax.Array, train: bool) -> Tuple[jax.Array, Metrics]:
     ids = self.token_ids(batch)
     mask_rng, dropout_rng = jax.random.split(rng)
     masked = self.bert_mask(mask_rng, ids)
-    per_image = masked_token_loss(self._nll(model, params, ids, masked, train, dropout_rng),
+    per_image = masked_token_loss(self._nll(params, ids, masked, train, dropout_rng),
                                   masked)
     loss = jnp.mean(per_image)
     return loss, {"loss": loss, "bits_per_token": loss / LN2,
                   "mask_rate": jnp.mean(masked.astype(jnp.float32))}
 
-  def eval_sums(self, model: nn.Module, params: Any, batch: Batch) -> Metrics:
+  def eval_sums(self, params: Any, batch: Batch) -> Metrics:
     ids = self.token_ids(batch)
     masked = self.bert_mask(jax.random.PRNGKey(self.eval_mask_seed), ids)
-    per_image = masked_token_loss(self._nll(model, params, ids, masked, False, None), masked)
+    per_image = masked_token_loss(self._nll(params, ids, masked, False, None), masked)
     weights = _row_weights(batch)
     nats = jnp.sum(per_image * weights)
     return {"loss": nats, "bits_per_token": nats / LN2, "count": jnp.sum(weights)}
@@ -192,21 +187,20 @@ class FineTuneTask(_ImageGPTTask):
     self.objective = objective
     super().__init__(palette, num_classes=num_classes, **kwargs)
 
-  def _forward(self, model, params, batch, mask_rng, train, dropout_rng):
+  def _forward(self, params, batch, mask_rng, train, dropout_rng):
     """-> (per-image L_GEN [batch], class logits [batch, classes], labels [batch])."""
     ids = self.token_ids(batch)
     masked = self.bert_mask(mask_rng, ids) if self.objective == "bert" else None
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    logits, class_logits = model.apply(_variables(params), ids, masked=masked, train=train,
+    logits, class_logits = self.model.apply(_variables(params), ids, masked=masked, train=train,
                                        rngs=rngs, method=models.ImageGPT.classify)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, ids)
     gen = masked_token_loss(nll, masked) if masked is not None else jnp.mean(nll, axis=1)
     return gen, class_logits, batch["label"].astype(jnp.int32)
 
-  def loss_and_metrics(self, model: nn.Module, params: Any, batch: Batch, rng: jax.Array,
-                       train: bool) -> Tuple[jax.Array, Metrics]:
+  def loss_and_metrics(self, params: Any, batch: Batch, rng: jax.Array, train: bool) -> Tuple[jax.Array, Metrics]:
     mask_rng, dropout_rng = jax.random.split(rng)
-    gen, class_logits, labels = self._forward(model, params, batch, mask_rng, train, dropout_rng)
+    gen, class_logits, labels = self._forward(params, batch, mask_rng, train, dropout_rng)
     gen_loss = jnp.mean(gen)
     clf_loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(class_logits, labels))
     accuracy = jnp.mean((jnp.argmax(class_logits, axis=-1) == labels).astype(jnp.float32))
@@ -214,9 +208,9 @@ class FineTuneTask(_ImageGPTTask):
     return loss, {"loss": loss, "gen_loss": gen_loss, "clf_loss": clf_loss,
                   "bits_per_token": gen_loss / LN2, "accuracy": accuracy}
 
-  def eval_sums(self, model: nn.Module, params: Any, batch: Batch) -> Metrics:
+  def eval_sums(self, params: Any, batch: Batch) -> Metrics:
     gen, class_logits, labels = self._forward(
-        model, params, batch, jax.random.PRNGKey(self.eval_mask_seed), False, None)
+        params, batch, jax.random.PRNGKey(self.eval_mask_seed), False, None)
     clf = optax.softmax_cross_entropy_with_integer_labels(class_logits, labels)
     correct = (jnp.argmax(class_logits, axis=-1) == labels).astype(jnp.float32)
     weights = _row_weights(batch)

@@ -12,7 +12,7 @@ import pytest
 
 import igpt_jax
 from common_jax.layers import count_params
-from igpt_jax import models, probe
+from igpt_jax import blocks, models, probe
 
 TINY = dict(width=16, depth=2, num_heads=2)
 
@@ -158,7 +158,7 @@ def test_logits_and_features_match_numpy_reference(causal):
 
 def test_norm_and_activation_formulas():
   x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32) * 3
-  norm = models.RMSNorm()
+  norm = blocks.RMSNorm()
   variables = norm.init(jax.random.PRNGKey(0), x)
   gain = np.linspace(0.5, 2.0, 8).astype(np.float32)
   y = norm.apply({"params": {"g": gain}}, x)
@@ -166,16 +166,16 @@ def test_norm_and_activation_formulas():
   np.testing.assert_allclose(y, x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-5) * gain,
                              rtol=1e-6)
   assert set(nn.meta.unbox(variables)["params"]) == {"g"}  # gain only, no bias
-  np.testing.assert_allclose(models.quick_gelu(x), x / (1 + np.exp(-1.702 * x)), rtol=1e-6)
+  np.testing.assert_allclose(blocks.quick_gelu(x), x / (1 + np.exp(-1.702 * x)), rtol=1e-6)
 
 
 def test_initialisation_follows_openai():
   # Through FineTuneTask.init_variables, so the zero-initialised head is covered as well.
   task = igpt_jax.FineTuneTask(_palette(64), num_classes=5, variant="custom", image_size=8,
                                model_options=dict(width=64, depth=4, num_heads=4))
-  model = task.build_model()
-  init_variables = jax.jit(task.init_variables, static_argnums=0)
-  params = nn.meta.unbox(init_variables(model, jax.random.PRNGKey(0), task.dummy_batch(1)))
+  model = task.model
+  init_variables = jax.jit(task.init_variables)
+  params = nn.meta.unbox(init_variables(jax.random.PRNGKey(0), task.dummy_batch(1)))
   params = params["params"]
   np.testing.assert_allclose(params["wte"].std(), 0.02, rtol=0.05)
   np.testing.assert_allclose(params["wpe"].std(), 0.01, rtol=0.05)
@@ -252,9 +252,9 @@ def _palette(num_clusters=16):
 
 def compiled(task):
   """The task's init_variables, loss_and_metrics and eval_sums, jitted as the loop does."""
-  return (jax.jit(task.init_variables, static_argnums=0),
-          jax.jit(task.loss_and_metrics, static_argnums=0, static_argnames="train"),
-          jax.jit(task.eval_sums, static_argnums=0))
+  return (jax.jit(task.init_variables),
+          jax.jit(task.loss_and_metrics, static_argnames="train"),
+          jax.jit(task.eval_sums))
 
 
 def _images(palette, batch=4, size=4, seed=0):
@@ -265,12 +265,12 @@ def _images(palette, batch=4, size=4, seed=0):
 def test_autoregressive_task_loss_metrics_and_eval_weights():
   palette = _palette()
   task = igpt_jax.AutoregressiveTask(palette, variant="custom", image_size=4, model_options=TINY)
-  model = task.build_model()
+  model = task.model
   _, loss_and_metrics, eval_sums = compiled(task)
   assert task.headline_metric == "bits_per_token"
   params = random_variables(model)["params"]
   images, ids = _images(palette, batch=3)
-  loss, metrics = loss_and_metrics(model, params, {"image": images}, jax.random.PRNGKey(1),
+  loss, metrics = loss_and_metrics(params, {"image": images}, jax.random.PRNGKey(1),
                                    train=True)
   # Next-pixel cross-entropy of the quantized image, in nats and in bits.
   logits = apply(model, {"params": params}, ids)
@@ -278,19 +278,19 @@ def test_autoregressive_task_loss_metrics_and_eval_weights():
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   np.testing.assert_allclose(metrics["bits_per_token"], expected / math.log(2), rtol=1e-5)
   # Eval sums weight rows by batch["mask"]: a padding row changes nothing.
-  full = eval_sums(model, params, {"image": images[:2], "mask": np.ones(2, np.float32)})
-  padded = eval_sums(model, params, {"image": images, "mask": np.array([1, 1, 0], np.float32)})
+  full = eval_sums(params, {"image": images[:2], "mask": np.ones(2, np.float32)})
+  padded = eval_sums(params, {"image": images, "mask": np.array([1, 1, 0], np.float32)})
   assert float(padded["count"]) == 2.0
   np.testing.assert_allclose(padded["bits_per_token"], full["bits_per_token"], rtol=1e-6)
   with pytest.raises(ValueError, match="image_size=4"):
-    loss_and_metrics(model, params, {"image": np.zeros((1, 8, 8, 3), np.float32)},
+    loss_and_metrics(params, {"image": np.zeros((1, 8, 8, 3), np.float32)},
                      jax.random.PRNGKey(0), train=False)
 
 
 def test_autoregressive_task_loss_decreases():
   palette = _palette()
   task = igpt_jax.AutoregressiveTask(palette, variant="custom", image_size=4, model_options=TINY)
-  model = task.build_model()
+  model = task.model
   params = random_variables(model, scale=0.05)["params"]
   batch = {"image": _images(palette, batch=8)[0]}
   optimizer = optax.adam(1e-2)
@@ -298,8 +298,8 @@ def test_autoregressive_task_loss_decreases():
 
   @jax.jit
   def step(params, opt_state):
-    (loss, _), grads = jax.value_and_grad(task.loss_and_metrics, argnums=1, has_aux=True)(
-        model, params, batch, jax.random.PRNGKey(0), True)
+    (loss, _), grads = jax.value_and_grad(task.loss_and_metrics, has_aux=True)(
+        params, batch, jax.random.PRNGKey(0), True)
     updates, opt_state = optimizer.update(grads, opt_state)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -313,7 +313,7 @@ def test_autoregressive_task_loss_decreases():
 def test_bert_task_masks_15_percent_and_scores_only_masked_positions(monkeypatch):
   palette = _palette()
   task = igpt_jax.BertTask(palette, variant="custom", image_size=4, model_options=TINY)
-  model = task.build_model()
+  model = task.model
   assert not model.causal
   ids = jnp.zeros((256, 1024), jnp.int32)
   rate = float(jnp.mean(jax.jit(task.bert_mask)(jax.random.PRNGKey(0), ids)))
@@ -327,7 +327,7 @@ def test_bert_task_masks_15_percent_and_scores_only_masked_positions(monkeypatch
   masked[0, [1, 4]] = masked[1, [0]] = masked[2, [2, 3, 15]] = True
   monkeypatch.setattr(task, "bert_mask", lambda rng, ids: jnp.asarray(masked))
   _, loss_and_metrics, _ = compiled(task)
-  loss, metrics = loss_and_metrics(model, params, {"image": images}, jax.random.PRNGKey(0),
+  loss, metrics = loss_and_metrics(params, {"image": images}, jax.random.PRNGKey(0),
                                    train=True)
   logits = apply(model, {"params": params}, ids, masked=masked)
   nll = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, ids))
@@ -344,7 +344,7 @@ def test_fine_tune_task_adds_generative_and_classification_losses():
   palette = _palette()
   task = igpt_jax.FineTuneTask(palette, num_classes=5, variant="custom", image_size=4,
                                model_options=TINY)
-  model = task.build_model()
+  model = task.model
   _, loss_and_metrics, eval_sums = compiled(task)
   assert task.headline_metric == "accuracy"
   params = random_variables(model)["params"]
@@ -352,7 +352,7 @@ def test_fine_tune_task_adds_generative_and_classification_losses():
   params = dict(params, wtet=np.zeros_like(params["wtet"]), clf=np.zeros_like(params["clf"]))
   images, _ = _images(palette, batch=4)
   batch = {"image": images, "label": np.array([0, 1, 2, 3], np.int32)}
-  loss, metrics = loss_and_metrics(model, params, batch, jax.random.PRNGKey(0), train=True)
+  loss, metrics = loss_and_metrics(params, batch, jax.random.PRNGKey(0), train=True)
   np.testing.assert_allclose(metrics["gen_loss"], math.log(16), rtol=1e-6)
   np.testing.assert_allclose(metrics["clf_loss"], math.log(5), rtol=1e-6)
   np.testing.assert_allclose(loss, math.log(16) + math.log(5), rtol=1e-6)
@@ -363,7 +363,7 @@ def test_fine_tune_task_adds_generative_and_classification_losses():
   predicted = np.asarray(jnp.argmax(class_logits, -1))
   batch["label"] = predicted.astype(np.int32)
   batch["label"][0] = (predicted[0] + 1) % 5
-  sums = eval_sums(model, params, dict(batch, mask=np.array([1, 1, 1, 0], np.float32)))
+  sums = eval_sums(params, dict(batch, mask=np.array([1, 1, 1, 0], np.float32)))
   assert float(sums["accuracy"]) == 2.0 and float(sums["count"]) == 3.0
 
 
@@ -451,10 +451,10 @@ def test_sharded_loss_equals_unsharded():
   from common_jax import sharding  # pylint: disable=g-import-not-at-top
   palette = _palette()
   task = igpt_jax.AutoregressiveTask(palette, variant="custom", image_size=4, model_options=TINY)
-  model = task.build_model()
+  model = task.model
   params = random_variables(model)["params"]
   batch = {"image": _images(palette, batch=8)[0]}
-  loss_fn = lambda p, b: task.loss_and_metrics(model, p, b, jax.random.PRNGKey(0), True)[0]
+  loss_fn = lambda p, b: task.loss_and_metrics(p, b, jax.random.PRNGKey(0), True)[0]
   expected = jax.jit(loss_fn)(params, batch)
   # data x fsdp x tensor = 2 x 2 x 2: batch, embed and heads/mlp/vocab all split.
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))

@@ -79,3 +79,35 @@ def test_mesh_errors_name_the_field():
   mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
   with pytest.raises(ValueError, match="config.batch_size=12 is not divisible by the 8"):
     sharding.check_batch_size(12, mesh)
+
+
+def test_parameters_and_activations_have_names_and_rules_of_their_own(monkeypatch):
+  """A rule written for parameters can never re-shard activations by accident, and back."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import igpt_jax  # pylint: disable=g-import-not-at-top
+  from common_jax import layers  # pylint: disable=g-import-not-at-top
+  from vit_jax import models as vit_models  # pylint: disable=g-import-not-at-top
+  activation_names = set()
+  constrain = layers.constrain
+
+  def recording(x, names):
+    activation_names.update(names)
+    return constrain(x, names)
+
+  monkeypatch.setattr(layers, "constrain", recording)
+  vit = vit_models.create_model("custom", num_classes=10, image_size=8, width=32, depth=1,
+                                mlp_dim=64, num_heads=4, patch_size=4)
+  igpt = igpt_jax.create_model("custom", image_size=4, num_clusters=16, width=32, depth=1,
+                               num_heads=4)
+  parameter_names = set()
+  for model in (vit, igpt):
+    variables = (vit_models.abstract_variables if model is vit else igpt_jax.abstract_variables)(
+        model)
+    for spec in jax.tree_util.tree_leaves(nn.get_partition_spec(variables),
+                                          is_leaf=lambda x: isinstance(x, jax.P)):
+      parameter_names.update(name for name in spec if name)
+  assert activation_names and parameter_names
+  assert all(name.startswith("act_") for name in activation_names), activation_names
+  assert not any(name.startswith("act_") for name in parameter_names), parameter_names
+  ruled = {name for name, _ in sharding.DEFAULT_RULES}
+  assert activation_names | parameter_names <= ruled  # every name has its rule

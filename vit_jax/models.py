@@ -16,7 +16,7 @@ they are:
 import dataclasses
 import functools
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -77,6 +77,96 @@ class AddPositionEmbs(nn.Module):
     return x + pe.astype(x.dtype)
 
 
+# Why the attention is written out rather than taken from Flax: the official ViT code uses
+# `nn.MultiHeadDotProductAttention`, whose `nn.DenseGeneral` projections give these very names
+# and initial values, but DenseGeneral calls kernel_init with the flattened [in, out] matrix
+# shape, so a kernel boxed with three logical names ([embed, heads, kv]) fails its sharding
+# constraint under a mesh; and one kernel_init serves all four projections there, while `out`
+# needs other names ([heads, kv, embed]). `_Projection` keeps DenseGeneral's parameters and
+# initialisation (Xavier-uniform over the flattened matrix, zero bias) with 3-D names.
+_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
+_TOKENS = ("act_batch", "act_length", "act_embed")
+
+
+class _Projection(nn.Module):
+  """`equation` of the input with `kernel` [*kernel_shape], plus `bias` [*kernel_shape[n_in:]]."""
+  equation: str  # e.g. "ble,ehd->blhd"
+  kernel_shape: Tuple[int, ...]
+  kernel_names: Tuple[str, ...]
+  n_in: int  # leading kernel axes contracted with the input
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fan_in = int(np.prod(self.kernel_shape[:self.n_in]))
+    flat = (fan_in, int(np.prod(self.kernel_shape)) // fan_in)
+    kernel_init = lambda rng, shape, dtype: nn.initializers.xavier_uniform()(
+        rng, flat, dtype).reshape(shape)
+    kernel = self.param("kernel", layers.param_with_axes(kernel_init, self.kernel_names),
+                        self.kernel_shape, self.param_dtype)
+    bias_shape = self.kernel_shape[self.n_in:]
+    bias = self.param("bias", layers.param_with_axes(nn.initializers.zeros,
+                                                     self.kernel_names[self.n_in:]),
+                      bias_shape, self.param_dtype)
+    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head self-attention with the parameter layout of the official ViT checkpoints.
+
+  Submodules `query`, `key`, `value` have kernels [embed, heads, head_dim] and biases
+  [heads, head_dim]; `out` has kernel [heads, head_dim, embed] and bias [embed].
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [batch, length, embed] -> [batch, length, embed]."""
+    features = x.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(f"width {features} is not divisible by num_heads {self.num_heads}; "
+                       "choose a width that is a multiple of the number of heads.")
+    heads = (self.num_heads, features // self.num_heads)
+    project = functools.partial(_Projection, dtype=self.dtype, param_dtype=self.param_dtype)
+    query, key, value = (
+        layers.constrain(project("ble,ehd->blhd", (features,) + heads, ("embed", "heads", "kv"),
+                                 1, name=name)(x), _HEADS)
+        for name in ("query", "key", "value"))
+    y = layers.dot_product_attention(query, key, value, implementation=self.implementation)
+    y = project("blhd,hde->ble", heads + (features,), ("heads", "kv", "embed"), 2, name="out")(y)
+    return layers.constrain(y, _TOKENS)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> dropout -> Dense -> dropout, named `Dense_0`, `Dense_1`."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    """x: [batch, length, embed] -> [batch, length, embed]."""
+    dense = lambda features, names: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=layers.param_with_axes(nn.initializers.xavier_uniform(), names),
+        bias_init=layers.param_with_axes(nn.initializers.normal(stddev=1e-6), names[1:]))
+    features = x.shape[-1]
+    x = layers.constrain(dense(self.mlp_dim, ("embed", "mlp"))(x),
+                         ("act_batch", "act_length", "act_mlp"))
+    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(features, ("mlp", "embed"))(x)
+    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    return layers.constrain(x, _TOKENS)
+
+
 class Encoder1DBlock(nn.Module):
   """Pre-LayerNorm Transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
   mlp_dim: int
@@ -94,17 +184,15 @@ class Encoder1DBlock(nn.Module):
         scale_init=layers.param_with_axes(nn.initializers.ones, ("embed",)),
         bias_init=layers.param_with_axes(nn.initializers.zeros, ("embed",)))
     x = norm(name="LayerNorm_0")(inputs)
-    x = layers.MultiHeadDotProductAttention(
+    x = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-        implementation=self.attention_implementation,
-        name="MultiHeadDotProductAttention_1")(x, deterministic=deterministic)
+        implementation=self.attention_implementation, name="MultiHeadDotProductAttention_1")(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = x + inputs
     y = norm(name="LayerNorm_2")(x)
-    y = layers.MlpBlock(
+    y = MlpBlock(
         mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-        dropout_rate=self.dropout_rate,
-        activation=functools.partial(nn.gelu, approximate=self.gelu_approximate),
+        dropout_rate=self.dropout_rate, gelu_approximate=self.gelu_approximate,
         name="MlpBlock_3")(y, deterministic=deterministic)
     return x + y
 
@@ -186,7 +274,7 @@ class VisionTransformer(nn.Module):
       cls = self.param("cls", layers.param_with_axes(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, channels), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
-    x = layers.constrain(x, ("batch", "length", "embed"))
+    x = layers.constrain(x, _TOKENS)
     x = Encoder(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
         param_dtype=self.param_dtype, dropout_rate=self.dropout_rate,

@@ -23,12 +23,16 @@ class ClassificationTask(Task):
   num_classes: int
   image_size: int
   model_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
-  label_smoothing: float = 0.0
+  label_smoothing: float = 0.0  # training targets only; evaluation uses the hard labels
   headline_metric: str = "accuracy"
 
-  def build_model(self) -> nn.Module:
-    return models.create_model(self.variant, num_classes=self.num_classes,
-                               image_size=self.image_size, **self.model_options)
+  def __post_init__(self):
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ValueError(f"config.label_smoothing={self.label_smoothing} must lie in [0, 1).")
+    # Built once: variant, patch size, classifier and posemb errors surface here.
+    self.model: nn.Module = models.create_model(
+        self.variant, num_classes=self.num_classes, image_size=self.image_size,
+        **self.model_options)
 
   def dummy_batch(self, batch_size: int) -> Dict[str, np.ndarray]:
     return {"image": np.zeros((batch_size, self.image_size, self.image_size, 3), np.float32),
@@ -40,15 +44,15 @@ class ClassificationTask(Task):
       targets = optax.smooth_labels(targets, self.label_smoothing)
     return targets
 
-  def loss_and_metrics(self, model, params, batch, rng, train) -> Tuple[jax.Array, Dict]:
-    logits = model.apply({"params": params}, batch["image"], train=train,
+  def loss_and_metrics(self, params, batch, rng, train) -> Tuple[jax.Array, Dict]:
+    logits = self.model.apply({"params": params}, batch["image"], train=train,
                          rngs={"dropout": rng})
     loss = optax.softmax_cross_entropy(logits, self._targets(batch["label"])).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return loss, {"accuracy": accuracy}
 
-  def eval_sums(self, model, params, batch) -> Dict[str, jax.Array]:
-    logits = model.apply({"params": params}, batch["image"], train=False)
+  def eval_sums(self, params, batch) -> Dict[str, jax.Array]:
+    logits = self.model.apply({"params": params}, batch["image"], train=False)
     mask = batch["mask"]
     loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], self.num_classes))
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
