@@ -17,8 +17,8 @@ class Checkpointer:
     """read_only: for reading another run's checkpoints; creates and deletes nothing."""
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if read_only and not os.path.isdir(self.directory):
-      raise ValueError(f"{workdir} holds no checkpoints (no {self.directory}); point "
-                       "config.init_from or --workdir at the workdir of a training run.")
+      raise ValueError(f"{workdir} holds no checkpoints directory; train first or point "
+                       "config.init_from / --workdir at the workdir of a training run.")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=asynchronous)

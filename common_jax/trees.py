@@ -1,13 +1,20 @@
-"""Parameter trees as flat '/'-joined dicts and host arrays: what every checkpoint format needs."""
+"""Parameter trees as flat '/'-joined dicts, their shapes and host arrays: what every checkpoint
+format needs, and `check_names_and_shapes`, the one check that stored names and shapes are what a
+model expects (one sentence naming the first key that does not fit, in forward-pass order)."""
 
-from typing import Any, Dict, Mapping
+import re
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Params = Any
+Shape = Tuple[int, ...]
+# A part of an error sentence that may depend on the key it is about.
+Text = Union[str, Callable[[str], str]]
 
 
 def flatten(params: Params) -> Dict[str, Any]:
@@ -37,3 +44,92 @@ def to_host(x: Any) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
+
+
+def flat_shapes(params: Any) -> Dict[str, Shape]:
+  """Params (arrays, abstract or boxed) -> {flat name: shape}."""
+  return {key: tuple(np.shape(value)) for key, value in flatten(params).items()}
+
+
+def host_float32(params: Any, origin: str, fix: str) -> Dict[str, np.ndarray]:
+  """Params (boxed or not, sharded or not) -> {flat name: host float32 array}, what exports
+  write: float32 stays bit-identical, bfloat16/float16 widen exactly; other dtypes are refused."""
+  flat = {}
+  for key, value in flatten(params).items():
+    array = to_host(value)
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+      raise ValueError(f"`{key}` in {origin} has dtype {array.dtype}, not a float; {fix}.")
+    flat[key] = np.ascontiguousarray(array.astype(np.float32))
+  if not flat:
+    raise ValueError(f"{origin} hold no parameters; {fix}.")
+  return flat
+
+
+def forward_order(block: str, early: Sequence[str] = (), late: Sequence[str] = ()
+                  ) -> Callable[[str], Tuple[Any, ...]]:
+  """A sort key that puts flat names in the order of the forward pass, so that "the first key
+  that does not fit" is the earliest and most telling one.
+
+  Args:
+    block: regex whose first group is the block index (blocks sort by index).
+    early: regexes of what comes before the blocks, in this order (e.g. embeddings).
+    late: regexes of what comes after the blocks, in this order (final norm, heads).
+  Names that match none come last. Within a place, names sort by module, `.../bias` after the
+  module's other leaves.
+  """
+
+  def key(name: str) -> Tuple[Any, ...]:
+    module, _, leaf = name.rpartition("/")
+    within = (module, leaf == "bias", name)
+    index = re.search(block, name)
+    if index:
+      return (len(early), int(index.group(1))) + within
+    for rank, pattern in enumerate(late):
+      if re.search(pattern, name):
+        return (len(early) + 1 + rank, 0) + within
+    for rank, pattern in enumerate(early):
+      if re.search(pattern, name):
+        return (rank, 0) + within
+    return (len(early) + 1 + len(late), 0) + within
+
+  return key
+
+
+def check_names_and_shapes(stored: Mapping[str, Shape], target: Mapping[str, Shape], origin: str,
+                           *, fix: Text, shape_fix: Optional[Text] = None,
+                           expected_by: Text = "the model",
+                           order: Optional[Callable[[str], Any]] = None,
+                           may_be_missing: Callable[[str], bool] = lambda key: False) -> None:
+  """Raises ValueError, one sentence, unless `stored` holds every name of `target` with its
+  shape and nothing else; reads no array.
+
+  Args:
+    stored: {name: shape} of a file or checkpoint (`Tensors.shapes`).
+    target: {name: shape} that is expected, e.g. `flat_shapes(abstract params)`.
+    origin: how the sentence names where `stored` is ("the checkpoint at step 3 in ...").
+    fix: what to do about a missing or extra name: text, or name -> text.
+    shape_fix: what to do about a name with another shape (default: `fix`).
+    expected_by: what expects `target` ("the model", "config.json (n_layer=2)"): text, or
+      name -> text.
+    order: sort key of the names (default alphabetical); the first that does not fit is named.
+    may_be_missing: name -> True for a target name that `stored` may lack (e.g. a new head).
+  """
+  def text(part: Text, key: str) -> str:
+    return part(key) if callable(part) else part
+
+  for key in sorted(target, key=order):
+    want = tuple(target[key])
+    if key not in stored:
+      if may_be_missing(key):
+        continue
+      raise ValueError(f"{origin} has no `{key}` {want}, which {text(expected_by, key)} needs; "
+                       f"{text(fix, key)}.")
+    if tuple(stored[key]) != want:
+      raise ValueError(f"`{key}` has shape {tuple(stored[key])} in {origin} but "
+                       f"{text(expected_by, key)} expects {want}; "
+                       f"{text(fix if shape_fix is None else shape_fix, key)}.")
+  for key in sorted(stored, key=order):
+    if key not in target:
+      raise ValueError(f"{origin} holds `{key}` {tuple(stored[key])}, which "
+                       f"{text(expected_by, key)} does not have; {text(fix, key)}.")
+

@@ -4,4 +4,6 @@ from igpt_jax.palette import dequantize, fit_palette, load_palette, quantize, sa
 from igpt_jax.probe import cross_validate, extract_features, linear_probe, pixel_probe, probe_layers
 from igpt_jax.sampling import sample, sample_without_cache, save_sample_grid
 from igpt_jax.tasks import AutoregressiveTask, BertTask, FineTuneTask
-from igpt_jax.interop import export_hf, export_hf_from_checkpoint, load_hf, load_openai
+from igpt_jax.hf import export_hf, export_hf_from_checkpoint, load_hf
+from igpt_jax.openai import load_openai
+from igpt_jax.pretrained import pretrained_initializer

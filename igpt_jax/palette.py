@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common_jax import weights as weights_lib  # `weights` names k-means weights here
+
 ArrayLike = Union[np.ndarray, jax.Array]
 
 # Largest number of pixel-to-centre distances `quantize` holds at once (256 MiB in float32).
@@ -168,7 +170,8 @@ def fit_palette(pixels: Union[ArrayLike, Iterable[Any]], num_clusters: int = 512
 
 
 def save_palette(path: str, centres: ArrayLike) -> None:
-  """Writes centres [num_clusters, 3] as a float32 `.npy` file (OpenAI's layout)."""
+  """Writes centres [num_clusters, 3] as a float32 `.npy` file (OpenAI's layout), atomically;
+  only process 0 writes."""
   centres = np.asarray(centres)
   if centres.ndim != 2 or centres.shape[1] != 3:
     raise ValueError(f"a palette is [num_clusters, 3], got shape {centres.shape}; pass the "
@@ -176,16 +179,14 @@ def save_palette(path: str, centres: ArrayLike) -> None:
   directory = os.path.dirname(path)
   if directory:
     os.makedirs(directory, exist_ok=True)
-  # Written whole or not at all: a temporary file renamed into place, so an interrupted write
-  # never leaves a truncated palette that a later run would take for a fitted one.
-  temporary = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(temporary, "wb") as f:
+
+  def write(temporary: str) -> None:
+    with open(temporary, "wb") as f:  # a file object: np.save would append ".npy" to a name
       np.save(f, centres.astype(np.float32))
-    os.replace(temporary, path)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
+
+  # Written whole or not at all, so an interrupted write never leaves a truncated palette that a
+  # later run would take for a fitted one.
+  weights_lib.write_atomically(path, write)
 
 
 def load_palette(path: str, num_clusters: Optional[int] = None) -> np.ndarray:

@@ -233,8 +233,11 @@ def sample_grid(palette: ArrayLike, samples: ArrayLike, *, originals: Optional[A
 
 def save_sample_grid(path: str, palette: ArrayLike, samples: ArrayLike, **kwargs: Any
                      ) -> np.ndarray:
-  """Writes `sample_grid(palette, samples, **kwargs)` as a PNG at `path`; returns the array."""
+  """Writes `sample_grid(palette, samples, **kwargs)` as a PNG at `path` (whole or not at all);
+  returns the array."""
   from PIL import Image  # Only this function needs Pillow.
+  from common_jax import weights  # pylint: disable=g-import-not-at-top
   grid = sample_grid(palette, samples, **kwargs)
-  Image.fromarray(grid).save(path, format="PNG")
+  weights.write_atomically(path, lambda temporary: Image.fromarray(grid).save(temporary,
+                                                                             format="PNG"))
   return grid

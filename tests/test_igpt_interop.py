@@ -19,7 +19,9 @@ from common_jax import checkpoint as checkpoint_lib
 from common_jax import optim
 from common_jax import sharding
 from common_jax import train
-from igpt_jax import interop
+from common_jax import trees
+from igpt_jax import hf as igpt_hf  # `hf` is the fixture of torch and transformers below
+from igpt_jax import openai
 from test_igpt_model import random_variables  # gains near 1, no trivial zeros
 
 SHAPE = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
@@ -42,8 +44,8 @@ def random_ids(seed=0, batch=2):
 
 
 def assert_bit_identical(actual, expected):
-  actual = interop.flatten(interop._params_of(actual))  # pylint: disable=protected-access
-  expected = interop.flatten(interop._params_of(expected))  # pylint: disable=protected-access
+  actual = trees.flatten(trees.params_of(actual))
+  expected = trees.flatten(trees.params_of(expected))
   assert sorted(actual) == sorted(expected)
   for key, value in expected.items():
     value = np.asarray(jax.device_get(value))
@@ -77,7 +79,7 @@ def test_export_then_load_is_bit_identical(tmp_path, num_classes):
   variables = random_variables(model)
   clusters = random_clusters()
   directory = tmp_path / "hf"
-  assert interop.export_hf(model, variables, directory, clusters) == str(directory)
+  assert igpt_hf.export_hf(model, variables, directory, clusters) == str(directory)
   assert sorted(os.listdir(directory)) == [
       "config.json", "model.safetensors", "preprocessor_config.json"]
   assert os.listdir(tmp_path) == ["hf"]  # no temporary directory left behind
@@ -87,7 +89,7 @@ def test_export_then_load_is_bit_identical(tmp_path, num_classes):
           config["n_head"], config["n_inner"]) == (NUM_CLUSTERS + 1, IMAGE_SIZE**2, 32, 2, 2, 64)
   assert config["activation_function"] == "quick_gelu" and not config["tie_word_embeddings"]
 
-  loaded_model, loaded, loaded_clusters = interop.load_hf(directory)
+  loaded_model, loaded, loaded_clusters = igpt_hf.load_hf(directory)
   assert loaded_model == model
   assert_bit_identical(loaded, variables)
   assert loaded_clusters.dtype == np.float32
@@ -97,7 +99,7 @@ def test_export_then_load_is_bit_identical(tmp_path, num_classes):
 def test_hf_layout_is_the_inverse_of_ours():
   model = tiny_model()
   params = random_variables(model)["params"]
-  tensors = interop.to_hf(params)
+  tensors = igpt_hf.to_hf(params)
   assert tensors["transformer.wte.weight"].shape == (NUM_CLUSTERS + 1, 32)
   np.testing.assert_array_equal(tensors["transformer.wte.weight"][-1], params["sos"])
   assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
@@ -106,7 +108,7 @@ def test_hf_layout_is_the_inverse_of_ours():
   q = params["h_0"]["attn"]["q_proj"]
   np.testing.assert_array_equal(tensors["transformer.h.0.attn.c_attn.weight"][:, 17], q[1, 1])
   assert not any(np.any(v) for k, v in tensors.items() if k.endswith(".bias"))
-  assert_bit_identical(interop.unflatten(interop.from_hf(tensors, num_heads=2)), params)
+  assert_bit_identical(trees.unflatten(igpt_hf.from_hf(tensors, num_heads=2)), params)
 
 
 @pytest.fixture(scope="module")
@@ -135,32 +137,85 @@ def test_round_trip_after_sharded_training(tmp_path, trained):
   params = jax.device_get(state.params)
   assert not np.array_equal(params["wtet"], initial["wtet"])  # and really trained
   # The sharded arrays themselves are exported (gathered), not a host copy made beforehand.
-  interop.export_hf(model, {"params": state.params}, tmp_path / "hf", clusters)
-  loaded_model, loaded, loaded_clusters = interop.load_hf(tmp_path / "hf")
+  igpt_hf.export_hf(model, {"params": state.params}, tmp_path / "hf", clusters)
+  loaded_model, loaded, loaded_clusters = igpt_hf.load_hf(tmp_path / "hf")
   assert loaded_model == model
   assert_bit_identical(loaded, {"params": params})
   np.testing.assert_array_equal(loaded_clusters, clusters)
 
 
-def test_export_from_checkpoint(tmp_path, trained):
-  model, state, _, clusters = trained
-  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / "run"), asynchronous=False)
-  checkpointer.save(3, state)
+def save_workdir(workdir, state, step=3):
+  """A training run's workdir holding `state` (params and optimiser state) at `step`."""
+  checkpointer = checkpoint_lib.Checkpointer(str(workdir), asynchronous=False)
+  checkpointer.save(step, state)
   checkpointer.wait()
   checkpointer.close()
-  interop.export_hf_from_checkpoint(tmp_path / "run", model, tmp_path / "hf", clusters)
-  _, loaded, _ = interop.load_hf(tmp_path / "hf")
+  return str(workdir)
+
+
+def test_export_from_checkpoint(tmp_path, trained):
+  model, state, _, clusters = trained
+  save_workdir(tmp_path / "run", state)
+  igpt_hf.export_hf_from_checkpoint(tmp_path / "run", model, tmp_path / "hf", clusters)
+  _, loaded, _ = igpt_hf.load_hf(tmp_path / "hf")
   assert_bit_identical(loaded, {"params": jax.device_get(state.params)})
 
   # A model of another shape is refused before anything is written.
   with pytest.raises(ValueError, match=r"`sos` has shape \(32,\) in the checkpoint at step 3") as e:
-    interop.export_hf_from_checkpoint(tmp_path / "run", tiny_model(width=16), tmp_path / "x",
+    igpt_hf.export_hf_from_checkpoint(tmp_path / "run", tiny_model(width=16), tmp_path / "x",
                                       clusters)
   assert_one_sentence(e)
   assert not os.path.exists(tmp_path / "x")
   with pytest.raises(ValueError, match="holds no checkpoints directory"):
-    interop.export_hf_from_checkpoint(tmp_path / "nowhere", model, tmp_path / "x", clusters)
+    igpt_hf.export_hf_from_checkpoint(tmp_path / "nowhere", model, tmp_path / "x", clusters)
   assert not os.path.exists(tmp_path / "nowhere")
+
+
+@pytest.fixture()
+def counted_reads(monkeypatch):
+  """The steps at which checkpoint arrays were read (Checkpointer.read_params calls)."""
+  steps, read_params = [], checkpoint_lib.Checkpointer.read_params
+
+  def counting(self, step=None):
+    steps.append(step)
+    return read_params(self, step)
+
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "read_params", counting)
+  return steps
+
+
+@pytest.mark.parametrize("options, fragments", [
+    (dict(width=16), ["`sos` has shape (32,)", "but the model expects (16,)"]),
+    (dict(depth=1), ["holds `h_1/attn/c_proj` (2, 16, 32), which the model does not have"]),
+    (dict(depth=3), ["has no `h_2/attn/c_proj` (2, 16, 32), which the model needs"]),
+])
+def test_pretrained_initializer_refuses_another_size_before_any_compute(
+    tmp_path, trained, counted_reads, options, fragments):
+  _, state, _, _ = trained
+  workdir = save_workdir(tmp_path / "pretrain", state)
+  before = snapshot(workdir)
+  with pytest.raises(ValueError) as e:
+    igpt_jax.pretrained_initializer(workdir, tiny_model(**options))  # not the returned function
+  message = str(e.value)
+  for fragment in fragments + [workdir, "use the same model options as the pre-training run"]:
+    assert fragment in message, message
+  assert_one_sentence(e)
+  assert counted_reads == []  # decided from the checkpoint's metadata: no array was read
+  assert snapshot(workdir) == before
+
+
+def test_pretrained_initializer_reads_the_checkpoint_with_a_fresh_classifier(
+    tmp_path, trained, counted_reads):
+  _, state, _, _ = trained
+  workdir = save_workdir(tmp_path / "pretrain", state, step=5)
+  model = tiny_model(num_classes=3)  # fine-tuning: `clf` is new, everything else pre-trained
+  initialize = igpt_jax.pretrained_initializer(workdir, model)
+  assert counted_reads == []  # checked now, read when called
+  fresh = random_variables(model, seed=4)["params"]
+  params = initialize(fresh)
+  assert counted_reads == [5]
+  expected = dict(trees.flatten(jax.device_get(state.params)), clf=fresh["clf"])
+  assert_bit_identical({"params": params}, {"params": trees.unflatten(expected)})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,7 +228,7 @@ def test_export_refuses_a_non_empty_directory(tmp_path):
   directory.mkdir()
   (directory / "notes.txt").write_text("precious")
   with pytest.raises(ValueError, match="not empty; .*overwrite=True") as e:
-    interop.export_hf(model, random_variables(model), directory, random_clusters())
+    igpt_hf.export_hf(model, random_variables(model), directory, random_clusters())
   assert_one_sentence(e)
   assert snapshot(directory) == {"notes.txt": b"precious"}
   assert os.listdir(tmp_path) == ["hf"]
@@ -183,7 +238,7 @@ def test_failed_export_leaves_the_destination_as_it_was(tmp_path, monkeypatch):
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   model = tiny_model()
   directory = tmp_path / "hf"
-  interop.export_hf(model, random_variables(model, seed=0), directory, random_clusters())
+  igpt_hf.export_hf(model, random_variables(model, seed=0), directory, random_clusters())
   before = snapshot(directory)
 
   def write_half_then_fail(tensors, path, metadata=None):
@@ -193,7 +248,7 @@ def test_failed_export_leaves_the_destination_as_it_was(tmp_path, monkeypatch):
 
   monkeypatch.setattr(safetensors_numpy, "save_file", write_half_then_fail)
   with pytest.raises(OSError, match="disk full"):
-    interop.export_hf(model, random_variables(model, seed=1), directory, random_clusters(),
+    igpt_hf.export_hf(model, random_variables(model, seed=1), directory, random_clusters(),
                       overwrite=True)
   assert snapshot(directory) == before
   assert os.listdir(tmp_path) == ["hf"]
@@ -205,16 +260,16 @@ def test_overwrite_replaces_the_whole_directory(tmp_path):
   directory.mkdir()
   (directory / "stale.bin").write_bytes(b"old")
   new = random_variables(model, seed=2)
-  interop.export_hf(model, new, directory, random_clusters(), overwrite=True)
+  igpt_hf.export_hf(model, new, directory, random_clusters(), overwrite=True)
   assert "stale.bin" not in os.listdir(directory)
   assert os.listdir(tmp_path) == ["hf"]
-  assert_bit_identical(interop.load_hf(directory)[1], new)
+  assert_bit_identical(igpt_hf.load_hf(directory)[1], new)
 
 
 def test_an_empty_existing_directory_is_filled(tmp_path):
   model = tiny_model()
   (tmp_path / "hf").mkdir()
-  interop.export_hf(model, random_variables(model), tmp_path / "hf", random_clusters())
+  igpt_hf.export_hf(model, random_variables(model), tmp_path / "hf", random_clusters())
   assert "model.safetensors" in os.listdir(tmp_path / "hf")
 
 
@@ -222,9 +277,8 @@ def test_an_empty_existing_directory_is_filled(tmp_path):
     ("bert", "autoregressive only"),
     ("clusters", r"clusters must be .*\[16, 3\], got float32 \(8, 3\)"),
     ("shape", r"`sos` has shape \(16,\) in the variables but the model expects \(32,\)"),
-    ("missing", r"`h_1/attn/c_proj` \(2, 16, 32\), which the model needs, is missing from the "
-                r"variables"),
-    ("extra", r"`h_2/ln_1/g` \(32,\) in the variables is not a parameter of the model"),
+    ("missing", r"the variables has no `h_1/attn/c_proj` \(2, 16, 32\), which the model needs"),
+    ("extra", r"the variables holds `h_2/ln_1/g` \(32,\), which the model does not have"),
 ])
 def test_export_refuses_what_does_not_fit(tmp_path, case, pattern):
   model = tiny_model(causal=case != "bert")
@@ -240,7 +294,7 @@ def test_export_refuses_what_does_not_fit(tmp_path, case, pattern):
     for key in ("h_0", "h_1"):
       variables["params"][key] = random_variables(model)["params"][key]
   with pytest.raises(ValueError, match=pattern) as e:
-    interop.export_hf(model, variables, tmp_path / "hf", clusters)
+    igpt_hf.export_hf(model, variables, tmp_path / "hf", clusters)
   assert_one_sentence(e)
   assert os.listdir(tmp_path) == []
 
@@ -252,7 +306,7 @@ def test_export_refuses_what_does_not_fit(tmp_path, case, pattern):
 @pytest.fixture()
 def exported(tmp_path):
   model = tiny_model()
-  interop.export_hf(model, random_variables(model), tmp_path / "hf", random_clusters())
+  igpt_hf.export_hf(model, random_variables(model), tmp_path / "hf", random_clusters())
   return tmp_path / "hf"
 
 
@@ -281,7 +335,7 @@ def _set(tensors, key, value):
 
 @pytest.mark.parametrize("case, pattern", [
     ("n_embd", r"`transformer.wpe.weight` has shape \(16, 32\) in .*model.safetensors but "
-               r"config.json \(n_positions=16, n_embd=48\) means \(16, 48\)"),
+               r"config.json \(n_positions=16, n_embd=48\) expects \(16, 48\)"),
     ("n_layer_more", r"has no `transformer.h.2.attn.c_attn.weight` \(32, 96\), which config.json "
                      r"\(n_layer=3, n_embd=32\) needs"),
     ("n_layer_less", r"holds `transformer.h.1.attn.c_attn.bias` \(96,\), which an ImageGPT built "
@@ -345,17 +399,17 @@ def test_load_refuses_files_that_do_not_fit(exported, case, pattern):
     _edit_json(preprocessor, size={"height": 8, "width": 8})
   before = snapshot(exported)
   with pytest.raises(ValueError, match=pattern) as e:
-    interop.load_hf(exported)
+    igpt_hf.load_hf(exported)
   assert_one_sentence(e)
   assert snapshot(exported) == before
 
 
 def test_load_takes_dtype_options_but_not_a_shape(exported):
-  model, variables, _ = interop.load_hf(exported, param_dtype=np.dtype("float16"))
+  model, variables, _ = igpt_hf.load_hf(exported, param_dtype=np.dtype("float16"))
   assert model.param_dtype == np.float16
   assert variables["params"]["wte"].dtype == np.float16
   with pytest.raises(ValueError, match=r"\['width'\] come from config.json"):
-    interop.load_hf(exported, width=64)
+    igpt_hf.load_hf(exported, width=64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,7 +419,7 @@ def test_load_takes_dtype_options_but_not_a_shape(exported):
 def openai_arrays(params, gpt2_conv1d=False):
   """Our params -> OpenAI's variable names (optionally conv1d weights as GPT-2's [1, in, out])."""
   arrays = {}
-  for key, value in interop.flatten(params).items():
+  for key, value in trees.flatten(params).items():
     name = "model/" + key.replace("h_", "h", 1) if key.startswith("h_") else "model/" + key
     if "/mlp/" in name:
       name += "/w"
@@ -383,19 +437,19 @@ def test_openai_layout_loads_bit_identically(tmp_path):
   arrays.update({"model/wte/Adam": arrays["model/wte"], "model/wte/Adam_1": arrays["model/wte"],
                  "beta1_power": np.float32(0.9), "global_step": np.int64(7),
                  "model/h0/mlp/c_fc/b": np.zeros((64,), np.float32)})
-  loaded_model, loaded, clusters = interop.load_openai_arrays(arrays, "custom", **SHAPE)
+  loaded_model, loaded, clusters = openai.load_openai_arrays(arrays, "custom", **SHAPE)
   assert loaded_model == model and clusters is None
   assert_bit_identical(loaded, {"params": params})
 
   # The two import paths agree: OpenAI's layout -> export_hf -> load_hf.
-  interop.export_hf(loaded_model, loaded, tmp_path / "hf", random_clusters())
-  assert_bit_identical(interop.load_hf(tmp_path / "hf")[1], {"params": params})
+  igpt_hf.export_hf(loaded_model, loaded, tmp_path / "hf", random_clusters())
+  assert_bit_identical(igpt_hf.load_hf(tmp_path / "hf")[1], {"params": params})
 
 
 def test_openai_bert_checkpoint_loads_as_a_bert_model():
   model = tiny_model(causal=False)
   params = random_variables(model)["params"]
-  loaded_model, loaded, _ = interop.load_openai_arrays(openai_arrays(params))
+  loaded_model, loaded, _ = openai.load_openai_arrays(openai_arrays(params))
   assert loaded_model == model
   assert_bit_identical(loaded, {"params": params})
 
@@ -424,14 +478,14 @@ def test_openai_layout_refusals(case, pattern):
   elif case == "image_size":
     options = dict(image_size=8)
   with pytest.raises(ValueError, match=pattern) as e:
-    interop.load_openai_arrays(arrays, **options)
+    openai.load_openai_arrays(arrays, **options)
   assert_one_sentence(e)
 
 
 def test_load_openai_without_tensorflow_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # import tensorflow -> ImportError
   with pytest.raises(ImportError, match="pip install tensorflow") as e:
-    interop.load_openai("model.ckpt-1000")
+    openai.load_openai("model.ckpt-1000")
   assert_one_sentence(e)
 
 
@@ -455,7 +509,7 @@ def test_load_openai_reads_a_tensorflow_checkpoint(tmp_path):
   assert set(arrays) <= set(dict(tf.train.list_variables(prefix)))
   clusters = random_clusters()
   igpt_jax.save_palette(str(tmp_path / "kmeans_centers.npy"), clusters)
-  loaded_model, loaded, loaded_clusters = interop.load_openai(
+  loaded_model, loaded, loaded_clusters = openai.load_openai(
       prefix, clusters_path=str(tmp_path / "kmeans_centers.npy"))
   assert loaded_model == model
   assert_bit_identical(loaded, {"params": params})
@@ -513,7 +567,7 @@ def test_hf_model_loads_with_the_same_logits(tmp_path, hf):
   hf_model = _random_hf_model(torch, transformers)  # n_inner None: mlp_dim = 4 * n_embd
   clusters = random_clusters()
   _save_hf(transformers, hf_model, tmp_path / "hf", clusters)
-  model, variables, loaded_clusters = interop.load_hf(tmp_path / "hf")
+  model, variables, loaded_clusters = igpt_hf.load_hf(tmp_path / "hf")
   assert (model.width, model.depth, model.num_heads, model.mlp_dim) == (32, 2, 2, 128)
   np.testing.assert_array_equal(loaded_clusters, clusters)
   ids = random_ids()
@@ -531,7 +585,7 @@ def test_exported_model_gives_hf_the_same_logits(tmp_path, hf):
   torch, transformers = hf
   model = tiny_model(num_classes=3)
   variables = random_variables(model, seed=3)
-  interop.export_hf(model, variables, tmp_path / "hf", random_clusters())
+  igpt_hf.export_hf(model, variables, tmp_path / "hf", random_clusters())
   ids = random_ids(1)
   hf_model = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "hf").eval()
   assert hf_model.dtype == torch.float32
@@ -557,18 +611,18 @@ def test_hf_nonzero_bias_is_refused(tmp_path, hf):
     hf_model.transformer.h[1].attn.c_proj.bias.normal_()
   _save_hf(transformers, hf_model, tmp_path / "hf", random_clusters())
   with pytest.raises(ValueError, match=r"`transformer.h.1.attn.c_proj.bias` in .* is not zero"):
-    interop.load_hf(tmp_path / "hf")
+    igpt_hf.load_hf(tmp_path / "hf")
 
 
 def test_pytorch_model_bin_loads(tmp_path, hf):
   torch, transformers = hf
   hf_model = _random_hf_model(torch, transformers, n_inner=64)
   _save_hf(transformers, hf_model, tmp_path / "safetensors", random_clusters())
-  _, expected, _ = interop.load_hf(tmp_path / "safetensors")
+  _, expected, _ = igpt_hf.load_hf(tmp_path / "safetensors")
   shutil.copytree(tmp_path / "safetensors", tmp_path / "bin")
   os.remove(tmp_path / "bin" / "model.safetensors")
   torch.save(hf_model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
-  _, loaded, _ = interop.load_hf(tmp_path / "bin")
+  _, loaded, _ = igpt_hf.load_hf(tmp_path / "bin")
   assert_bit_identical(loaded, expected)
 
 
@@ -576,7 +630,7 @@ def test_hf_image_processor_reads_the_exported_clusters(tmp_path, hf):
   _, transformers = hf
   model = tiny_model()
   clusters = random_clusters(4)
-  interop.export_hf(model, random_variables(model), tmp_path / "hf", clusters)
+  igpt_hf.export_hf(model, random_variables(model), tmp_path / "hf", clusters)
   processor = transformers.ImageGPTImageProcessor.from_pretrained(tmp_path / "hf")
   np.testing.assert_array_equal(np.asarray(processor.clusters), clusters)
   images = np.random.default_rng(0).integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)

@@ -13,7 +13,9 @@ import pytest
 
 import vit_jax
 from common_jax import data, optim, sharding, train
-from vit_jax import interop, models, tasks
+from common_jax import trees
+from vit_jax import adapt, models, npz, pretrained, tasks
+from vit_jax import timm as vit_timm  # `timm` is the PyTorch library in the parity tests
 
 # A tiny ViT: 2x2 patches, so 8x8 images make a 4x4 grid and 16x16 images an 8x8 grid.
 SHAPE = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=2)
@@ -36,7 +38,7 @@ def _random_params(model, seed=0, scale=0.5):
 
 def _assert_bit_identical(actual, expected):
   assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
-  flat_actual, flat_expected = interop.flatten(actual), interop.flatten(expected)
+  flat_actual, flat_expected = trees.flatten(actual), trees.flatten(expected)
   for key, want in flat_expected.items():
     got, want = np.asarray(jax.device_get(flat_actual[key])), np.asarray(jax.device_get(want))
     assert got.dtype == want.dtype and got.shape == want.shape, key
@@ -79,12 +81,12 @@ def _snapshot(directory):
 def test_npz_round_trip_is_bit_identical_with_official_names(tmp_path, options):
   model = _model(**options)
   params = _random_params(model)
-  path = interop.export_npz({"params": params}, str(tmp_path / "vit.npz"))
+  path = npz.export_npz({"params": params}, str(tmp_path / "vit.npz"))
   with np.load(path, allow_pickle=False) as stored:
-    assert set(stored.files) == set(interop.flatten(params))
+    assert set(stored.files) == set(trees.flatten(params))
     assert QUERY in stored.files and "embedding/kernel" in stored.files
     assert all(stored[k].dtype == np.float32 for k in stored.files)
-  loaded = interop.load_npz(path, model)
+  loaded = npz.load_npz(path, model)
   assert jax.tree_util.tree_structure(loaded["params"]) == _init_structure(model)
   _assert_bit_identical(loaded["params"], params)
 
@@ -97,7 +99,7 @@ def test_safetensors_round_trip_is_bit_identical_with_timm_names(tmp_path, optio
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   model = _model(**options)
   params = _random_params(model)
-  path = interop.export_safetensors({"params": params}, str(tmp_path / "vit.safetensors"))
+  path = vit_timm.export_safetensors({"params": params}, str(tmp_path / "vit.safetensors"))
   tensors = load_file(path)
   width, patch = SHAPE["width"], SHAPE["patch_size"]
   assert tensors["patch_embed.proj.weight"].shape == (width, 3, patch, patch)
@@ -111,7 +113,7 @@ def test_safetensors_round_trip_is_bit_identical_with_timm_names(tmp_path, optio
                                 params["Transformer"]["encoderblock_0"][
                                     "MultiHeadDotProductAttention_1"]["query"]["kernel"]
                                 .reshape(width, width).T)
-  loaded = interop.load_safetensors(path, model)
+  loaded = vit_timm.load_safetensors(path, model)
   assert jax.tree_util.tree_structure(loaded["params"]) == _init_structure(model)
   _assert_bit_identical(loaded["params"], params)
 
@@ -119,9 +121,9 @@ def test_safetensors_round_trip_is_bit_identical_with_timm_names(tmp_path, optio
 def test_older_official_layout_under_opt_target_loads(tmp_path):
   model = _model()
   params = _random_params(model)
-  flat = interop.flatten(params)
+  flat = trees.flatten(params)
   np.savez(tmp_path / "old.npz", **{f"opt/target/{key}": value for key, value in flat.items()})
-  _assert_bit_identical(interop.load_npz(str(tmp_path / "old.npz"), model)["params"], params)
+  _assert_bit_identical(npz.load_npz(str(tmp_path / "old.npz"), model)["params"], params)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def _write_official_npz(path):
   """A pre-training checkpoint as the official code writes it: 8x8 images, 100 classes, a
   representation layer, flat '/'-joined keys. Returns the arrays written."""
   source = _model(image_size=8, num_classes=100, representation_size=16)
-  flat = interop.flatten(_random_params(source, seed=1))
+  flat = trees.flatten(_random_params(source, seed=1))
   grid, _ = _ramp_grid(4, 4, SHAPE["width"], seed=2)
   flat[POSEMB] = np.concatenate([flat[POSEMB][:, :1], grid.reshape(1, 16, -1)], axis=1)
   for key in (QUERY, "embedding/kernel", "cls", POSEMB, "head/kernel", "pre_logits/kernel",
@@ -155,9 +157,9 @@ def _write_official_npz(path):
 def test_official_npz_loads_at_higher_resolution_with_a_new_head(tmp_path):
   written = _write_official_npz(tmp_path / "pretrained.npz")
   model = _model(image_size=16, num_classes=10)  # 8x8 grid, 10 classes, no representation layer
-  params = interop.load_npz(str(tmp_path / "pretrained.npz"), model)["params"]
+  params = npz.load_npz(str(tmp_path / "pretrained.npz"), model)["params"]
   assert jax.tree_util.tree_structure(params) == _init_structure(model)
-  flat = interop.flatten(params)
+  flat = trees.flatten(params)
   assert "pre_logits/kernel" not in flat
   assert flat["head/kernel"].shape == (SHAPE["width"], 10)
   np.testing.assert_array_equal(flat["head/kernel"], 0.0)
@@ -180,7 +182,7 @@ def test_posemb_resize_keeps_linear_ramps_on_non_square_grids(num_tokens):
   grid, (a, b, offset) = _ramp_grid(2, 3, 8, seed=3)
   tokens = np.full((1, num_tokens, 8), 7.0, np.float32)
   posemb = np.concatenate([tokens, grid.reshape(1, 6, 8)], axis=1)
-  resized = interop.resize_posemb(posemb, (4, 5), num_tokens=num_tokens, old_grid=(2, 3))
+  resized = adapt.resize_posemb(posemb, (4, 5), num_tokens=num_tokens, old_grid=(2, 3))
   assert resized.shape == (1, num_tokens + 20, 8) and resized.dtype == np.float32
   np.testing.assert_array_equal(resized[:, :num_tokens], tokens)
   rows, cols = np.mgrid[:4, :5]
@@ -192,11 +194,11 @@ def test_posemb_resize_keeps_linear_ramps_on_non_square_grids(num_tokens):
 def finetuned(tmp_path_factory):
   """Fine-tunes the 8x8 official .npz at 16x16 on digits for 3 steps on an FSDP mesh of 8."""
   root = tmp_path_factory.mktemp("finetune")
-  pretrained = str(root / "pretrained.npz")
-  written = _write_official_npz(pretrained)
+  pretrained_npz = str(root / "pretrained.npz")
+  written = _write_official_npz(pretrained_npz)
   task = tasks.ClassificationTask(variant="custom", num_classes=10, image_size=16,
                                   model_options=dict(SHAPE))
-  model = task.build_model()
+  model = task.model
   workdir = str(root / "workdir")
   os.makedirs(workdir)  # run.py creates it before the loop runs
 
@@ -210,7 +212,7 @@ def finetuned(tmp_path_factory):
                                   checkpoint_every=0, async_checkpoints=False),
       optimizer=optim.OptimizerConfig(name="sgd", learning_rate=0.01, decay="constant"),
       mesh_config=sharding.MeshConfig(data=1, fsdp=8), workdir=workdir, train_data=train_data,
-      initial_params=interop.pretrained_initializer(pretrained, model), tensorboard=False)
+      initial_params=pretrained.pretrained_initializer(pretrained_npz, model), tensorboard=False)
   return dict(model=model, workdir=workdir, result=result, written=written, root=root)
 
 
@@ -221,7 +223,7 @@ def test_finetuning_through_the_loop_starts_from_the_npz(finetuned):
   kernel = params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]["query"][
       "kernel"]
   assert "fsdp" in tuple(kernel.sharding.spec)  # trained sharded, not gathered
-  flat = {k: np.asarray(v) for k, v in interop.flatten(jax.device_get(params)).items()}
+  flat = {k: np.asarray(v) for k, v in trees.flatten(jax.device_get(params)).items()}
   assert "pre_logits/kernel" not in flat and flat["head/kernel"].shape == (SHAPE["width"], 10)
   assert np.abs(flat["head/kernel"]).max() > 0  # the zero head learned
   # Three small SGD steps move the weights by far less than the file's scale (0.5): the loop
@@ -231,22 +233,22 @@ def test_finetuning_through_the_loop_starts_from_the_npz(finetuned):
   np.testing.assert_allclose(flat[POSEMB][:, 0], written[POSEMB][:, 0], atol=0.05)
 
 
-@pytest.mark.parametrize("fmt", interop.FORMATS)
+@pytest.mark.parametrize("fmt", pretrained.FORMATS)
 def test_sharded_training_result_round_trips_bit_identically(finetuned, tmp_path, fmt):
   params = finetuned["result"]["params"]  # jax arrays sharded over the 8-device FSDP mesh
-  path = interop.export({"params": params}, str(tmp_path / f"finetuned.{fmt}"), fmt)
-  load = interop.load_npz if fmt == "npz" else interop.load_safetensors
+  path = pretrained.export({"params": params}, str(tmp_path / f"finetuned.{fmt}"), fmt)
+  load = npz.load_npz if fmt == "npz" else vit_timm.load_safetensors
   _assert_bit_identical(load(path, finetuned["model"])["params"], params)
 
 
-@pytest.mark.parametrize("fmt", interop.FORMATS)
+@pytest.mark.parametrize("fmt", pretrained.FORMATS)
 def test_export_from_checkpoint_is_the_final_params_and_reads_only(finetuned, tmp_path, fmt):
   workdir = finetuned["workdir"]
   before = _snapshot(workdir)
-  path = interop.export_from_checkpoint(workdir, finetuned["model"],
+  path = pretrained.export_from_checkpoint(workdir, finetuned["model"],
                                         str(tmp_path / f"exported.{fmt}"), fmt)
   assert _snapshot(workdir) == before
-  load = interop.load_npz if fmt == "npz" else interop.load_safetensors
+  load = npz.load_npz if fmt == "npz" else vit_timm.load_safetensors
   _assert_bit_identical(load(path, finetuned["model"])["params"], finetuned["result"]["params"])
 
 
@@ -254,15 +256,15 @@ def test_finetuning_can_start_from_a_workdir_at_another_resolution(finetuned):
   # The run's own checkpoint (16x16, 10 classes) seeds a 32x32 run with 3 classes.
   model = _model(image_size=32, num_classes=3)
   before = _snapshot(finetuned["workdir"])
-  initialize = interop.pretrained_initializer(finetuned["workdir"], model)
+  initialize = pretrained.pretrained_initializer(finetuned["workdir"], model)
   fresh = _random_params(model, seed=5)
-  params = interop.flatten(initialize(fresh))
+  params = trees.flatten(initialize(fresh))
   trained = {k: np.asarray(v) for k, v in
-             interop.flatten(jax.device_get(finetuned["result"]["params"])).items()}
+             trees.flatten(jax.device_get(finetuned["result"]["params"])).items()}
   assert _snapshot(finetuned["workdir"]) == before
   assert params[POSEMB].shape == (1, 1 + 16 * 16, SHAPE["width"])
   np.testing.assert_array_equal(params[POSEMB][:, 0], trained[POSEMB][:, 0])
-  np.testing.assert_array_equal(params["head/kernel"], interop.flatten(fresh)["head/kernel"])
+  np.testing.assert_array_equal(params["head/kernel"], trees.flatten(fresh)["head/kernel"])
   assert params[QUERY].tobytes() == trained[QUERY].tobytes()
 
 
@@ -273,12 +275,12 @@ def test_export_from_checkpoint_refuses_another_model_and_touches_nothing(finetu
   before = _snapshot(workdir)
   wider = vit_jax.create_model("custom", **{**SHAPE, "width": 48}, num_classes=10, image_size=16)
   with pytest.raises(ValueError) as error:
-    interop.export_from_checkpoint(workdir, wider, str(destination), "npz")
+    pretrained.export_from_checkpoint(workdir, wider, str(destination), "npz")
   message = str(error.value)
   assert "`embedding/kernel`" in message
   assert "(2, 2, 3, 32)" in message and "(2, 2, 3, 48)" in message and _one_sentence(message)
   with pytest.raises(ValueError, match="holds no checkpoint"):
-    interop.export_from_checkpoint(str(tmp_path / "empty"), wider, str(destination), "npz")
+    pretrained.export_from_checkpoint(str(tmp_path / "empty"), wider, str(destination), "npz")
   assert destination.read_bytes() == b"an earlier good export"
   assert sorted(os.listdir(tmp_path)) == ["keep.npz"]
   assert _snapshot(workdir) == before
@@ -289,7 +291,7 @@ def test_export_from_checkpoint_refuses_another_model_and_touches_nothing(finetu
 
 
 def _flat(model, seed=0):
-  return interop.flatten(_random_params(model, seed))
+  return trees.flatten(_random_params(model, seed))
 
 
 def _flip_last_data_byte(path, key):
@@ -359,8 +361,8 @@ def test_npz_that_does_not_fit_is_refused_in_one_sentence(tmp_path, make_file, f
   path = str(tmp_path / "bad.npz")
   make_file(path)
   model = _model()
-  for attempt in (lambda: interop.load_npz(path, model),
-                  lambda: interop.pretrained_initializer(path, model)(_random_params(model))):
+  for attempt in (lambda: npz.load_npz(path, model),
+                  lambda: pretrained.pretrained_initializer(path, model)(_random_params(model))):
     with pytest.raises(ValueError) as error:
       attempt()
     message = str(error.value)
@@ -371,28 +373,28 @@ def test_npz_that_does_not_fit_is_refused_in_one_sentence(tmp_path, make_file, f
 
 def test_safetensors_that_do_not_fit_are_refused_in_one_sentence(tmp_path):
   wide = str(tmp_path / "wide.safetensors")
-  interop.export_safetensors({"params": _random_params(_model(width=48))}, wide)
+  vit_timm.export_safetensors({"params": _random_params(_model(width=48))}, wide)
   with pytest.raises(ValueError) as error:
-    interop.load_safetensors(wide, _model())
+    vit_timm.load_safetensors(wide, _model())
   assert "`embedding/kernel`" in str(error.value) and "(2, 2, 3, 48)" in str(error.value)
   assert _one_sentence(str(error.value))
   with open(wide, "r+b") as f:
     f.truncate(100)
   with pytest.raises(ValueError, match="truncated or corrupt") as error:
-    interop.load_safetensors(wide, _model())
+    vit_timm.load_safetensors(wide, _model())
   assert _one_sentence(str(error.value))
 
 
 def test_missing_file_and_unknown_format_are_refused(tmp_path):
   with pytest.raises(ValueError, match="no file at"):
-    interop.load_npz(str(tmp_path / "absent.npz"), _model())
+    npz.load_npz(str(tmp_path / "absent.npz"), _model())
   with pytest.raises(ValueError, match=r"must be a training workdir, an \.npz .* or a "):
-    interop.pretrained_initializer(str(tmp_path / "weights.pth"), _model())
+    pretrained.pretrained_initializer(str(tmp_path / "weights.pth"), _model())
   with pytest.raises(ValueError, match="export format 'pth' is unknown"):
-    interop.export({"params": _random_params(_model())}, str(tmp_path / "x.pth"), "pth")
+    pretrained.export({"params": _random_params(_model())}, str(tmp_path / "x.pth"), "pth")
 
 
-@pytest.mark.parametrize("fmt", interop.FORMATS)
+@pytest.mark.parametrize("fmt", pretrained.FORMATS)
 def test_failed_export_never_replaces_a_good_file(tmp_path, monkeypatch, fmt):
   destination = tmp_path / f"model.{fmt}"
   destination.write_bytes(b"an earlier good export")
@@ -412,7 +414,7 @@ def test_failed_export_never_replaces_a_good_file(tmp_path, monkeypatch, fmt):
     import safetensors.numpy  # pylint: disable=g-import-not-at-top
     monkeypatch.setattr(safetensors.numpy, "save_file", write_half_then_fail)
   with pytest.raises(OSError, match="No space left"):
-    interop.export({"params": _random_params(_model())}, str(destination), fmt)
+    pretrained.export({"params": _random_params(_model())}, str(destination), fmt)
   assert destination.read_bytes() == b"an earlier good export"
   assert os.listdir(tmp_path) == [destination.name]  # no temporary file left behind
 
@@ -472,7 +474,7 @@ def test_logits_equal_timm_both_ways(tmp_path, classifier):
                                gelu_approximate=False)
   # Ours -> timm: our export loads strictly into timm and gives the same logits.
   params = _realistic_params(model, seed=1)
-  path = interop.export_safetensors({"params": params}, str(tmp_path / "ours.safetensors"))
+  path = vit_timm.export_safetensors({"params": params}, str(tmp_path / "ours.safetensors"))
   timm_model.load_state_dict(load_file(path), strict=True)
   assert _logits_difference(torch, timm_model, model, params) < 1e-4
   # timm -> ours: timm's own random initialisation, saved by torch, loads into our model.
@@ -481,7 +483,7 @@ def test_logits_equal_timm_both_ways(tmp_path, classifier):
                              num_classes=10, **pool[classifier])
   save_file({k: v.contiguous() for k, v in theirs.state_dict().items()},
             str(tmp_path / "timm.safetensors"))
-  loaded = interop.load_safetensors(str(tmp_path / "timm.safetensors"), model)["params"]
+  loaded = vit_timm.load_safetensors(str(tmp_path / "timm.safetensors"), model)["params"]
   assert _logits_difference(torch, theirs, model, loaded) < 1e-4
 
 
@@ -490,7 +492,7 @@ def test_export_loads_as_a_named_timm_model(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the weights come from our file, never the hub
   model = vit_jax.create_model("Ti/16", num_classes=1000, image_size=224, gelu_approximate=False)
   params = _realistic_params(model, seed=2)
-  path = interop.export_safetensors({"params": params}, str(tmp_path / "vit_tiny.safetensors"))
+  path = vit_timm.export_safetensors({"params": params}, str(tmp_path / "vit_tiny.safetensors"))
   timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=True,
                                  pretrained_cfg_overlay=dict(file=path))
   assert _logits_difference(torch, timm_model, model, params) < 1e-4

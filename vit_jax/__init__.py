@@ -1,4 +1,5 @@
-"""Vision Transformer models, tasks and checkpoint interop."""
+"""Vision Transformer models, tasks and weights in and out (official .npz, timm .safetensors)."""
 from vit_jax.models import VisionTransformer, create_model, parse_variant, SIZES
-from vit_jax.interop import (export_from_checkpoint, export_npz, export_safetensors, load_npz,
-                             load_safetensors, pretrained_initializer)
+from vit_jax.npz import export_npz, load_npz
+from vit_jax.pretrained import export_from_checkpoint, pretrained_initializer
+from vit_jax.timm import export_safetensors, load_safetensors
