@@ -31,7 +31,7 @@ def _rate(iterator, count):
 
 def main():
   config = vit_digits.get_config()
-  plan = run.make_plan(config, "/tmp/input_pipeline_benchmark", "plan")
+  family, plan = run.prepare(config, "/tmp/input_pipeline_benchmark", "plan")
   args = dict(dataset=config.dataset, split=config.train_split,
               preprocess=config.preprocess_train, global_batch_size=config.batch_size,
               seed=config.seed)
@@ -40,7 +40,7 @@ def main():
   resumed = next(data.train_iterator(start_step=100_000, **args))
   resume_seconds = time.perf_counter() - began
 
-  task = plan.task
+  task = family.make_task(plan)
   mesh = sharding.make_mesh(plan.mesh)
   tx = optim.make_optimizer(plan.optimizer, plan.loop.total_steps)
   trainer = train.Trainer(task=task, mesh=mesh, rules=plan.rules, tx=tx)

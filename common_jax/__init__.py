@@ -1,1 +1,3 @@
-"""The engine both model families share: layers, mesh/sharding, data, optimisers, checkpoints, loop."""
+"""The engine both model families share: the family protocol (`family`), the one train loop
+(`train`, `task`), layers and logical axis names, mesh/sharding, data, optimisers, Orbax
+checkpoints, the weights layer (`weights`, `trees`) and metrics."""

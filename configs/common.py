@@ -47,6 +47,12 @@ def base() -> ml_collections.ConfigDict:
   return config
 
 
+def add_vit_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Fields only the ViT tasks read."""
+  config.label_smoothing = 0.0  # training targets only; 0 = off (the paper uses none)
+  return config
+
+
 def add_igpt_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Fields of the iGPT tasks and of the palette, sample and probe modes."""
   config.palette = ""  # [k, 3] .npy colour centres; "" = <workdir>/palette.npy
@@ -54,7 +60,6 @@ def add_igpt_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   config.palette_iterations = 20  # Lloyd iterations of the palette mode
   config.palette_max_pixels = 2**20  # pixels of the train split the palette is fitted on
   config.mask_prob = 0.15  # BERT: each position masked independently with this probability
-  config.objective = "autoregressive"  # igpt_finetune: L_GEN of "autoregressive" or "bert"
   config.probe_layers = ()  # probe mode: layers in [0, depth]; () = all
   # probe mode: ridge penalties, chosen per layer (and for the pixels) by probe_folds-fold
   # cross-validation on the train split; probe_folds=0 needs a single penalty, e.g. (1e-3,).

@@ -23,8 +23,7 @@ def get_config(arg: str = "cifar10") -> ml_collections.ConfigDict:
     raise ValueError(f"igpt_finetune.py: dataset {dataset!r} is unknown; use one of "
                      f"{sorted(DATASETS)}.")
   config = common.add_igpt_fields(common.base())
-  config.task = "igpt_finetune"
-  config.objective = "autoregressive"
+  config.task = "igpt_finetune_ar"  # igpt_finetune_bert after BERT pre-training
   config.model = ml_collections.ConfigDict(dict(
       variant="S", dropout_rate=0.0, dtype="float32", attention_implementation=""))
   config.dataset = dataset

@@ -16,7 +16,7 @@ from configs import common
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del arg
-  config = common.base()
+  config = common.add_vit_fields(common.base())
   config.model = ml_collections.ConfigDict(dict(
       variant="custom", width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=2,
       classifier="gap", posemb="learn", representation_size=0, dropout_rate=0.1,

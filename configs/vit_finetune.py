@@ -32,7 +32,7 @@ def get_config(arg: str = "B/16,cifar10") -> ml_collections.ConfigDict:
     raise ValueError(f"vit_finetune.py: dataset {dataset!r} is unknown; use one of "
                      f"{sorted(DATASETS)}.")
   classes, train_split, eval_split, steps, lr = DATASETS[dataset]
-  config = common.base()
+  config = common.add_vit_fields(common.base())
   config.model = ml_collections.ConfigDict(dict(
       variant=variant, classifier="token", posemb="learn", representation_size=0,
       dropout_rate=0.0, dtype="float32", gelu_approximate=True, attention_implementation=""))

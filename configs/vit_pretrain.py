@@ -33,7 +33,7 @@ def get_config(arg: str = "B/16,imagenet2012") -> ml_collections.ConfigDict:
     raise ValueError(f"vit_pretrain.py: dataset {dataset!r} is unknown; use one of "
                      f"{sorted(DATASETS)}.")
   classes, examples, epochs, lr, weight_decay, decay = DATASETS[dataset]
-  config = common.base()
+  config = common.add_vit_fields(common.base())
   config.model = ml_collections.ConfigDict(dict(
       variant=variant, classifier="token", posemb="learn", representation_size=768,
       dropout_rate=0.1, dtype="float32", gelu_approximate=True, attention_implementation=""))

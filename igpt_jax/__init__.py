@@ -1,4 +1,5 @@
-"""Image GPT (Chen et al., 2020): palette, models, tasks, KV-cache sampling, linear probes."""
+"""Image GPT (Chen et al., 2020): palette, models, tasks, KV-cache sampling, linear probes,
+weights in and out (Hugging Face, OpenAI); its family for run.py is `igpt_jax.family`."""
 from igpt_jax.models import ImageGPT, SIZES, abstract_variables, create_model
 from igpt_jax.palette import dequantize, fit_palette, load_palette, quantize, save_palette
 from igpt_jax.probe import cross_validate, extract_features, linear_probe, pixel_probe, probe_layers

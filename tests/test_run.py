@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,11 +39,18 @@ def _config(data_dir, **overrides):
     ({"dataset": "no_such_dataset"}, "config.dataset"),
     ({"optimizer.name": "lamb"}, "config.optimizer.name='lamb' is unknown"),
     ({"mesh.data": 3}, "config.mesh"),
+    # A label >= num_classes would be an all-zero one-hot row: a silently wrong loss.
+    ({"num_classes": 5}, "config.num_classes=5 but sklearn_digits has 10 classes; set "
+                         "config.num_classes=10."),
+    ({"label_smoothing": 1.5}, "config.label_smoothing=1.5 must lie in [0, 1)"),
+    ({"foo": 1}, "config has unknown field(s) ['foo']"),
+    ({"optimizer.lrate": 0.1}, "config.optimizer has unknown field(s) ['lrate']"),
+    ({"task": "vit_segmentation"}, "config.task='vit_segmentation' is unknown; use one of"),
 ])
 def test_bad_configs_fail_before_compute(tmp_path, overrides, message):
   workdir = tmp_path / "workdir"
-  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    run.make_plan(_config(tmp_path / "data", **overrides), str(workdir))
+  with pytest.raises(ValueError, match=re.escape(message)):
+    run.prepare(_config(tmp_path / "data", **overrides), str(workdir))
   assert not workdir.exists()  # nothing was written
 
 
@@ -50,13 +58,13 @@ def test_unwritable_workdir_is_refused(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
   with pytest.raises(ValueError, match="--workdir .* is not writable"):
-    run.make_plan(_config(tmp_path / "data"), str(blocker / "workdir"))
+    run.prepare(_config(tmp_path / "data"), str(blocker / "workdir"))
 
 
 @pytest.mark.parametrize("mode", ["plan", "eval"])
 def test_reading_modes_do_not_create_the_workdir(tmp_path, mode):
   workdir = tmp_path / "workdir"
-  run.make_plan(_config(tmp_path / "data"), str(workdir), mode)
+  run.prepare(_config(tmp_path / "data"), str(workdir), mode)
   assert not workdir.exists()
 
 
@@ -77,7 +85,7 @@ def _fake_run(workdir, palette=True):
 
 @pytest.mark.parametrize("case, message", [
     ("missing_palette", r"palette .*missing.npy does not exist; set config.palette"),
-    ("init_from_for_ar", r"config.init_from is for igpt_finetune runs"),
+    ("init_from_for_ar", r"config.init_from is for the igpt_finetune_\* tasks"),
     ("init_from_empty", r"config.init_from=.* holds no checkpoint"),
     ("refit_palette", r"holds checkpoints trained on the colour ids of .*palette.npy"),
     ("probe_without_palette", r"has no palette.npy; train there first"),
@@ -109,19 +117,22 @@ def test_igpt_settings_fail_before_compute(tmp_path, case, message):
                  "probe_folds": {"probe_folds": 0}}[case]
   before = sorted(os.walk(workdir))
   with pytest.raises(ValueError, match=message):
-    run.make_plan(_igpt_config(data_dir, **overrides), str(workdir), mode)
+    run.prepare(_igpt_config(data_dir, **overrides), str(workdir), mode)
   if case == "refit_palette":
     assert sorted(os.walk(workdir)) == before  # the palette was not touched
 
 
 def test_finetuning_reads_the_palette_of_the_pretraining_run(tmp_path):
+  from igpt_jax.family import palette_path  # pylint: disable=g-import-not-at-top
   _fake_run(tmp_path / "pretrained")
-  config = _igpt_config(tmp_path / "data", task="igpt_finetune",
+  config = _igpt_config(tmp_path / "data", task="igpt_finetune_ar",
                         init_from=str(tmp_path / "pretrained"))
-  assert run.palette_path(config, str(tmp_path / "new")) == str(
-      tmp_path / "pretrained" / "palette.npy")
+  _, prepared = run.prepare(config, str(tmp_path / "new"), "plan")
+  assert palette_path(prepared) == str(tmp_path / "pretrained" / "palette.npy")
   config.palette = str(tmp_path / "mine.npy")
-  assert run.palette_path(config, str(tmp_path / "new")) == str(tmp_path / "mine.npy")
+  np.save(tmp_path / "mine.npy", np.zeros((16, 3), np.float32))
+  _, prepared = run.prepare(config, str(tmp_path / "new"), "plan")
+  assert palette_path(prepared) == str(tmp_path / "mine.npy")
 
 
 def _run(workdir, data_dir, *extra, wait=True):
@@ -246,3 +257,15 @@ def test_igpt_palette_train_sample_probe(tmp_path):
   assert report["best_layer"] == best["layer"]
   assert all(row["l2"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) for row in report["layers"])
   assert "on raw pixels" in output
+
+
+@pytest.mark.parametrize("recipe", sorted(
+    name[:-3] for name in os.listdir(os.path.join(ROOT, "configs"))
+    if name.endswith(".py") and name not in ("__init__.py", "common.py")))
+def test_every_recipe_reads_into_a_run(recipe):
+  """Every field of every recipe is one that its family reads (and none is missing)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f"configs.{recipe}")
+  family, prepared = run.read(module.get_config(), "/nonexistent/workdir")
+  assert prepared.task in family.tasks
+  family.abstract_params(prepared) if recipe.startswith("igpt") else family.model(prepared)

@@ -1,0 +1,332 @@
+"""Model families: what each one declares, and how `run.py` finds it by task name.
+
+A family (`vit_jax.family.FAMILY`, `igpt_jax.family.FAMILY`) is a `Family` that declares:
+
+  tasks            {task name: run -> Task}; each task builds and owns its model
+  settings         the dataclass of the top-level config fields only this family reads
+  model_options()  `config.model` -> keyword arguments of the family's model builder
+  model(run)       the model a run trains, built without data (for checks and plans)
+  check(run)       every check that can fail before compute, `init_from` included
+  initializer(run) the loop's pretrained-weights hook for `config.init_from`, or None
+  modes            {mode name: run -> exit status}: train, eval and plan for every family,
+                   plus the family's own (palette, sample, probe, export, ...)
+
+`run.py` reads the config once into a `Run` of plain values, asks `find(config.task)` for the
+family, calls `family.check(run)` and then `family.modes[run.mode](run)`. It names no family and
+no task: a new task or mode touches only its family. Families are found by module name
+(`FAMILY_MODULES`), imported on first use; `register` adds one from elsewhere.
+"""
+
+import dataclasses
+import importlib
+import json
+import os
+import tempfile
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from common_jax import checkpoint
+from common_jax import layers
+from common_jax import optim
+from common_jax import sharding
+from common_jax import task as task_lib
+from common_jax import train
+from common_jax import weights
+
+FAMILY_MODULES = ("vit_jax.family", "igpt_jax.family")
+_REGISTERED: List["Family"] = []
+
+
+class ConfigError(ValueError):
+  """A setting that cannot work; raised before any compute, shown as one sentence."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """Where the images come from and how they are prepared (see `common_jax.data`); the
+  defaults are in configs/common.py."""
+  dataset: str  # a tfds name, or "image_folder:<root>"
+  data_dir: str  # tfds data_dir; "" = tfds's default
+  manual_dir: str  # for datasets that need a manual download
+  train_split: str
+  eval_split: str
+  preprocess_train: str
+  preprocess_eval: str
+  data_workers: int  # 0 = decode in threads of this process
+  data_cache: bool  # hold the train split in memory
+  eval_batch_size: int
+
+  @property
+  def source(self) -> Dict[str, Optional[str]]:
+    return dict(dataset=self.dataset, data_dir=self.data_dir or None,
+                manual_dir=self.manual_dir or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportRequest:
+  """`--mode export`'s command-line options."""
+  output: str
+  format: str
+  overwrite: bool = False
+
+
+@dataclasses.dataclass
+class Run:
+  """One run, read from the config once: plain values only below `run.py`."""
+  task: str
+  mode: str
+  workdir: str
+  variant: str  # config.model.variant
+  num_classes: int
+  image_size: int
+  init_from: str  # "" = train from scratch
+  model: Dict[str, Any]  # config.model but the variant, as the model builder's keyword arguments
+  data: DataSettings
+  loop: train.LoopConfig
+  optimizer: optim.OptimizerConfig
+  mesh: sharding.MeshConfig
+  rules: Tuple[Tuple[str, Any], ...]
+  settings: Any  # the family's `settings` dataclass
+  config_json: str = "{}"  # recorded as <workdir>/config.json by a fresh training run
+  export: Optional[ExportRequest] = None
+  initial_params: Optional[Callable[[Any], Any]] = None  # set by `Family.check`
+
+  def train_data(self, start_step: int):
+    """start_step -> this process's train batches from that step on (see common_jax.data)."""
+    from common_jax import data  # pylint: disable=g-import-not-at-top  # tfds: not for models
+    return data.train_iterator(
+        split=self.data.train_split, preprocess=self.data.preprocess_train,
+        global_batch_size=self.loop.batch_size, seed=self.loop.seed, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        worker_count=self.data.data_workers, cache=self.data.data_cache, **self.data.source)
+
+  def eval_data(self, split: Optional[str] = None):
+    """One pass over `split` (default: the eval split), padded rows marked by "mask"."""
+    from common_jax import data  # pylint: disable=g-import-not-at-top
+    return data.eval_iterator(
+        split=split or self.data.eval_split, preprocess=self.data.preprocess_eval,
+        global_batch_size=self.data.eval_batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), **self.data.source)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoSettings:
+  """A family that reads no top-level config fields of its own."""
+
+
+def is_main_process() -> bool:
+  """Only process 0 writes the workdir's files (all processes share it, as Orbax requires)."""
+  return jax.process_index() == 0
+
+
+def has_checkpoints(workdir: str) -> bool:
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails with one sentence when the workdir cannot be created or written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_check"):
+      pass
+  except OSError as error:
+    raise ConfigError(f"--workdir {workdir} is not writable ({error.strerror}); choose a "
+                      "directory you can write to.") from None
+
+
+def check_num_classes(run: Run) -> None:
+  """config.num_classes must be the dataset's label count (labels index the logits)."""
+  from common_jax import data  # pylint: disable=g-import-not-at-top
+  labels = data.dataset_info(**run.data.source).num_classes
+  if run.num_classes != labels:
+    raise ConfigError(f"config.num_classes={run.num_classes} but {run.data.dataset} has {labels} "
+                      f"classes; set config.num_classes={labels}.")
+
+
+class Family:
+  """Base class of the model families; see the module docstring."""
+
+  name: str = ""
+  tasks: Dict[str, Callable[[Run], task_lib.Task]] = {}
+  settings: type = NoSettings
+  #: Modes that write into the workdir (it must be writable); the others only read it.
+  writing_modes: Tuple[str, ...] = ("train",)
+  #: `--format`s of the export mode, the default first; () = no export mode.
+  export_formats: Tuple[str, ...] = ()
+
+  def __init__(self):
+    self.modes: Dict[str, Callable[[Run], int]] = {
+        "train": self.train, "eval": self.evaluate, "plan": self.plan}
+    if self.export_formats:
+      self.modes["export"] = self.export
+
+  # -- What a family fills in ----------------------------------------------------------------
+
+  def model_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
+    """`config.model` -> the model builder's keyword arguments: dtype names resolved, and ""
+    (config files cannot hold None for a field the command line may set) meaning None."""
+    options = dict(options)
+    for key in ("dtype", "param_dtype"):
+      if key in options:
+        dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+        if options[key] not in dtypes:
+          raise ConfigError(f"config.model.{key}={options[key]!r} is unknown; use float32, "
+                            "bfloat16 or float16.")
+        options[key] = dtypes[options[key]]
+    if "attention_implementation" in options:
+      options["attention_implementation"] = options["attention_implementation"] or None
+    return options
+
+  def model(self, run: Run):
+    """The model `run.task` trains (raises for bad options); a family whose tasks need data to
+    be built (the iGPT palette) builds it without."""
+    return self.make_task(run).model
+
+  def abstract_params(self, run: Run) -> Any:
+    """The parameter tree of `model(run)` as shapes (jax.eval_shape; no memory spent)."""
+    task = self.make_task(run)
+    batch = {key: jax.ShapeDtypeStruct(value.shape, value.dtype)
+             for key, value in task.dummy_batch(1).items()}
+    return jax.eval_shape(task.init_variables, jax.random.PRNGKey(0), batch)["params"]
+
+  def uses_labels(self, run: Run) -> bool:
+    """Whether the run reads labels (then config.num_classes must be the dataset's count)."""
+    return True
+
+  def check_settings(self, run: Run) -> None:
+    """The family's own checks before any compute (settings, files it needs)."""
+
+  def initializer(self, run: Run) -> Optional[Callable[[Any], Any]]:
+    """The loop's hook that loads `run.init_from` into a fresh run, checked now; or None."""
+    return None
+
+  def before_training(self, run: Run) -> None:
+    """Work a training run needs first (e.g. fitting the iGPT palette)."""
+
+  def plan_note(self, run: Run) -> str:
+    """Said after the plan line (e.g. what a training run will prepare first)."""
+    return ""
+
+  def export_checkpoint(self, run: Run, output: str, format: str) -> str:  # pylint: disable=redefined-builtin
+    """Writes the params of the workdir's latest checkpoint to `output`; returns the path."""
+    raise NotImplementedError
+
+  # -- Shared by every family ----------------------------------------------------------------
+
+  def make_task(self, run: Run) -> task_lib.Task:
+    return self.tasks[run.task](run)
+
+  def check(self, run: Run) -> None:
+    """Every check that can fail before compute: the model, loop, optimiser, mesh and batch,
+    dataset and labels, the family's own (`check_settings`), `init_from` (`initializer`), and
+    last the workdir, which a writing mode creates."""
+    from common_jax import data  # pylint: disable=g-import-not-at-top  # tfds: not for models
+    if run.mode not in self.modes:
+      raise ConfigError(f"--mode {run.mode} is not a mode of {self.name} tasks such as "
+                        f"{run.task!r}; use one of {', '.join(self.modes)}.")
+    self.model(run)
+    if run.mode != "export":  # an export reads the workdir only: no data, any device count
+      train.check_loop(run.loop)
+      optim.check(run.optimizer, run.loop.total_steps)
+      mesh = sharding.make_mesh(run.mesh)
+      sharding.check_batch_size(run.loop.batch_size, mesh)
+      if run.loop.accum_steps > 1:
+        sharding.check_batch_size(run.loop.batch_size // run.loop.accum_steps, mesh,
+                                  field="config.batch_size / config.accum_steps")
+      sharding.check_batch_size(run.data.eval_batch_size, mesh, field="config.eval_batch_size")
+      data.check_dataset(split=run.data.train_split, **run.data.source)
+      data.check_dataset(split=run.data.eval_split, **run.data.source)
+      if self.uses_labels(run):
+        check_num_classes(run)
+    self.check_settings(run)
+    run.initial_params = self.initializer(run) if run.mode == "train" else None
+    if run.mode in self.writing_modes:  # last: a run refused above leaves no workdir behind
+      check_workdir(run.workdir)
+
+  def train(self, run: Run) -> int:
+    """Trains (resuming from the workdir's latest checkpoint) and writes result.json."""
+    self.before_training(run)
+    task = self.make_task(run)
+    if is_main_process() and not has_checkpoints(run.workdir):
+      # A fresh run records its config; a resumed run keeps the one it was started with.
+      weights.write_text(os.path.join(run.workdir, "config.json"), run.config_json)
+    result = train.train_and_evaluate(
+        task, loop=run.loop, optimizer=run.optimizer, mesh_config=run.mesh, workdir=run.workdir,
+        train_data=run.train_data, eval_data=run.eval_data, rules=run.rules,
+        initial_params=run.initial_params)
+    if not result["stopped"] and result["eval"] and is_main_process():
+      headline = task.headline_metric
+      summary = {"step": result["step"], headline: result["eval"].get(headline),
+                 "train_seconds": round(result["seconds"], 1)}
+      path = weights.write_text(os.path.join(run.workdir, "result.json"),
+                                json.dumps(dict(summary, eval=result["eval"]), indent=2))
+      print(f"final {headline}: {result['eval'].get(headline, float('nan')):.4f} "
+            f"(results in {path})")
+    return 0
+
+  def evaluate(self, run: Run) -> int:
+    """Evaluates the parameters of the workdir's latest checkpoint on the eval split."""
+    reader = checkpoint.Checkpointer(run.workdir, read_only=True)  # refuses a missing workdir
+    step, _ = reader.params_metadata()
+    params = reader.read_params(step)
+    reader.close()
+    # No optimiser: evaluation needs the parameters' shardings only.
+    trainer = train.Trainer(task=self.make_task(run), mesh=sharding.make_mesh(run.mesh),
+                            rules=run.rules, tx=optax.identity())
+    params = jax.device_put(params, trainer.state_shardings.params)
+    results = trainer.evaluate(params, run.eval_data())
+    print(f"eval of step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    return 0
+
+  def export(self, run: Run) -> int:
+    """Writes the latest checkpoint of the workdir in another format; the workdir is only read."""
+    request = run.export
+    if request is None or not request.output:
+      raise ConfigError("--mode export needs --output=<file or directory>.")
+    format = request.format or self.export_formats[0]  # pylint: disable=redefined-builtin
+    if format not in self.export_formats:
+      raise ConfigError(f"--format {format} is not an export format of {self.name} models; use "
+                        f"one of {', '.join(self.export_formats)}.")
+    try:
+      path = self.export_checkpoint(run, os.path.abspath(request.output), format)
+    except OSError as error:
+      raise ConfigError(f"--output {request.output} cannot be written "
+                        f"({error.strerror or error}); choose a path you can write to.") from None
+    print(f"exported the latest checkpoint of {run.workdir} to {path}")
+    return 0
+
+  def plan(self, run: Run) -> int:
+    """One line: model size, mesh, steps, workdir; nothing is computed or written."""
+    model, mesh = self.model(run), sharding.make_mesh(run.mesh)
+    print(f"plan OK: {type(model).__name__} with "
+          f"{layers.count_params(self.abstract_params(run)):,} parameters; mesh "
+          f"{dict(mesh.shape)} over {jax.device_count()} devices; {run.loop.total_steps} steps "
+          f"of global batch {run.loop.batch_size}; workdir {run.workdir}{self.plan_note(run)}")
+    return 0
+
+
+def register(family: Family) -> None:
+  """Makes `family`'s tasks findable by `find` (families outside `FAMILY_MODULES`)."""
+  if family not in _REGISTERED:
+    _REGISTERED.append(family)
+
+
+def families() -> List[Family]:
+  """Every family: those of `FAMILY_MODULES` (imported on first use) and the registered ones."""
+  for name in FAMILY_MODULES:
+    register(importlib.import_module(name).FAMILY)
+  return list(_REGISTERED)
+
+
+def find(task: str) -> Family:
+  """The family that declares `task`, or one sentence naming every known task."""
+  known = []
+  for family in families():
+    if task in family.tasks:
+      return family
+    known.extend(family.tasks)
+  raise ConfigError(f"config.task={task!r} is unknown; use one of {sorted(known)}.")

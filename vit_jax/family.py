@@ -1,0 +1,53 @@
+"""The ViT family: its task, the config fields it reads, its checks, pretrained weights (an
+official .npz, a timm .safetensors or another run's workdir in `config.init_from`) and the
+export mode (`--format npz` in the official layout, `--format safetensors` with timm names)."""
+
+import dataclasses
+import os
+from typing import Any, Dict
+
+import vit_jax
+from common_jax import family
+from vit_jax import tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Top-level config fields only ViT tasks read."""
+  label_smoothing: float  # training targets only; evaluation uses the hard labels
+
+
+def _classification(run: family.Run) -> tasks.ClassificationTask:
+  return tasks.ClassificationTask(
+      variant=run.variant, num_classes=run.num_classes, image_size=run.image_size,
+      model_options=run.model, label_smoothing=run.settings.label_smoothing)
+
+
+class VitFamily(family.Family):
+  """Supervised ViT classification (pre-training and fine-tuning)."""
+
+  name = "ViT"
+  tasks = {"vit_classification": _classification}
+  settings = Settings
+  export_formats = ("npz", "safetensors")
+
+  def model_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
+    options = super().model_options(options)
+    if "representation_size" in options:
+      options["representation_size"] = options["representation_size"] or None
+    return options
+
+  def initializer(self, run: family.Run):
+    if not run.init_from:
+      return None
+    # Names and shapes are checked against the file or workdir now; arrays are read later.
+    return vit_jax.pretrained_initializer(run.init_from, self.model(run))
+
+  def export_checkpoint(self, run: family.Run, output: str, format: str) -> str:  # pylint: disable=redefined-builtin
+    if os.path.exists(output) and not run.export.overwrite:
+      raise family.ConfigError(f"--output {output} already exists; choose a new path or pass "
+                               "--overwrite to replace it.")
+    return vit_jax.export_from_checkpoint(run.workdir, self.model(run), output, format)
+
+
+FAMILY = VitFamily()
