@@ -54,9 +54,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 ConfigError = family_lib.ConfigError
 # Top-level fields every recipe has (configs/common.py), besides `DataSettings`' and the family's.
 LOOP_FIELDS = ("seed", "batch_size", "accum_steps", "total_steps", "log_every", "eval_every",
-               "checkpoint_every", "keep_checkpoints")
+               "checkpoint_every", "keep_checkpoints", "on_nonfinite")
 RUN_FIELDS = ("task", "num_classes", "image_size", "init_from", "model", "optimizer", "mesh",
-              "sharding_rules") + LOOP_FIELDS
+              "sharding_rules", "allow_config_change") + LOOP_FIELDS
 
 
 def _check_fields(values, known, where: str) -> None:

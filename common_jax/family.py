@@ -57,6 +57,7 @@ class DataSettings:
   preprocess_eval: str
   data_workers: int  # 0 = decode in threads of this process
   data_cache: bool  # hold the train split in memory
+  skip_bad_images: bool  # skip (and count) undecodable images instead of stopping
   eval_batch_size: int
 
   @property

@@ -34,6 +34,9 @@ class TrainState:
   rng: jax.Array  # uint32 [2]: base key; step keys are fold_in(rng, step)
 
 
+NONFINITE_ACTIONS = ("stop", "skip")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
   """How long to train and how often to log, evaluate and checkpoint."""
@@ -46,6 +49,7 @@ class LoopConfig:
   checkpoint_every: int = 500  # 0: only at the end (and on SIGTERM/SIGINT)
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
+  on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: "stop" the run, or "skip"
 
 
 def check_loop(config: LoopConfig) -> None:
@@ -58,6 +62,12 @@ def check_loop(config: LoopConfig) -> None:
   for name in ("log_every", "eval_every", "checkpoint_every"):
     if getattr(config, name) < 0:
       raise ValueError(f"config.{name} must be >= 0.")
+  if config.keep_checkpoints < 1:
+    raise ValueError(f"config.keep_checkpoints={config.keep_checkpoints} must be >= 1: the last "
+                     "checkpoint is what a run resumes from and what it leaves behind.")
+  if config.on_nonfinite not in NONFINITE_ACTIONS:
+    raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r} is unknown; use one of "
+                     f"{NONFINITE_ACTIONS}.")
 
 
 class StopRequest:

@@ -20,6 +20,7 @@ def base() -> ml_collections.ConfigDict:
   config.preprocess_eval = "decode|value_range(-1,1)"
   config.data_workers = 0  # 0 = decode in threads of this process
   config.data_cache = False  # True: hold the train split in memory (small datasets only)
+  config.skip_bad_images = False  # True: skip (and count) images that cannot be decoded
 
   config.batch_size = 128  # global, over all devices and processes
   config.eval_batch_size = 128
@@ -43,7 +44,13 @@ def base() -> ml_collections.ConfigDict:
   config.log_every = 50
   config.eval_every = 500
   config.checkpoint_every = 500
-  config.keep_checkpoints = 3
+  config.keep_checkpoints = 3  # >= 1; the newest K are kept
+  # A non-finite loss or gradient norm: "stop" (exit status 3, nothing bad saved) or "skip" the
+  # update and count it (train/skipped_steps).
+  config.on_nonfinite = "stop"
+  # A resumed run refuses a config that changes its trajectory (optimiser, data, model, seed,
+  # batch) unless this is True; total_steps may grow.
+  config.allow_config_change = False
   return config
 
 
