@@ -10,17 +10,24 @@ family: palette, sample, probe; both: export). The config is read here, once, in
 `common_jax.family.Run` of plain values; the family does the rest.
 """
 
-import dataclasses
-import os
-import re
+import signal
 import sys
-from typing import Optional, Tuple
+
+if __name__ == "__main__":
+  # Ctrl-C while the libraries below import (seconds) ends quietly rather than in a traceback.
+  signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
+import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+import os  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+import re  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+from typing import Optional, Tuple  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from common_jax import config as config_lib
 from common_jax import family as family_lib
 from common_jax import optim
 from common_jax import sharding
@@ -29,8 +36,11 @@ from common_jax import train
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "vit_digits.py")
 
+# No default here: config_flags would load it while this module imports, before its errors can
+# become one sentence; `_parse_flags` adds --config=DEFAULT_CONFIG when none is given.
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Recipe file (configs/*.py), optionally with ':args'.")
+    "config", None, "Recipe file (configs/*.py), optionally with ':args' (default: "
+    "configs/vit_digits.py).")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints and metrics go (default: workdirs/<recipe>[_<argument>]).")
 _MODE = flags.DEFINE_string(
@@ -41,8 +51,9 @@ _FORMAT = flags.DEFINE_string(
     "ViT, hf (Hugging Face ImageGPT directory) for an iGPT; default: the first of these.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode export: the file (or directory) to write.")
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "--mode export: replace an existing --output (files are always written "
-    "to a temporary name first, so a failed export never replaces a good one).")
+    "overwrite", False, "--mode export: replace an existing --output that is itself an earlier "
+    "export of that format (written to a temporary name first, so a failed export never "
+    "replaces a good one; never inside a workdir).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "jax_distributed", False,
     "Call jax.distributed.initialize() first (multi-host; arguments auto-detected on TPU, "
@@ -57,31 +68,6 @@ LOOP_FIELDS = ("seed", "batch_size", "accum_steps", "total_steps", "log_every", 
                "checkpoint_every", "keep_checkpoints", "on_nonfinite")
 RUN_FIELDS = ("task", "num_classes", "image_size", "init_from", "model", "optimizer", "mesh",
               "sharding_rules", "allow_config_change") + LOOP_FIELDS
-
-
-def _check_fields(values, known, where: str) -> None:
-  unknown, missing = sorted(set(values) - set(known)), sorted(set(known) - set(values))
-  if unknown:
-    raise ConfigError(f"{where} has unknown field(s) {unknown}; known fields are "
-                      f"{sorted(known)}.")
-  if missing:
-    raise ConfigError(f"{where} lacks field(s) {missing}; start the recipe from "
-                      "configs/common.py, which sets every field.")
-
-
-def read_section(cls, values, where: str):
-  """A dataclass filled from a config section (nested dataclasses too), naming unknown and
-  missing fields in one sentence."""
-  values = dict(values)
-  fields = {field.name: field for field in dataclasses.fields(cls)}
-  optional = {name: None for name, field in fields.items()
-              if field.default is not dataclasses.MISSING
-              or field.default_factory is not dataclasses.MISSING}
-  _check_fields({**optional, **values}, fields, where)
-  for name, value in values.items():
-    if dataclasses.is_dataclass(fields[name].type):
-      values[name] = read_section(fields[name].type, value, f"{where}.{name}")
-  return cls(**values)
 
 
 def prepare(config, workdir: str, mode: str = "train",
@@ -103,7 +89,7 @@ def read(config, workdir: str, mode: str = "train",
   data_fields = {field.name for field in dataclasses.fields(family_lib.DataSettings)}
   own_fields = {field.name for field in dataclasses.fields(family.settings)}
   values = config.to_dict()
-  _check_fields(values, set(RUN_FIELDS) | data_fields | own_fields, "config")
+  config_lib.check_fields(values, set(RUN_FIELDS) | data_fields | own_fields, "config")
   model = dict(values["model"])
   if "variant" not in model:
     raise ConfigError("config.model lacks `variant`; set it (e.g. 'B/16', or 'custom' with the "
@@ -113,12 +99,16 @@ def read(config, workdir: str, mode: str = "train",
       task=config.task, mode=mode, workdir=workdir, variant=variant,
       num_classes=config.num_classes, image_size=config.image_size, init_from=config.init_from,
       model=family.model_options(model),
-      data=read_section(family_lib.DataSettings, {k: values[k] for k in data_fields}, "config"),
+      data=config_lib.read_section(family_lib.DataSettings,
+                                   {k: values[k] for k in data_fields}, "config"),
       loop=train.LoopConfig(**{k: values[k] for k in LOOP_FIELDS}),
-      optimizer=read_section(optim.OptimizerConfig, values["optimizer"], "config.optimizer"),
-      mesh=read_section(sharding.MeshConfig, values["mesh"], "config.mesh"),
+      optimizer=config_lib.read_section(optim.OptimizerConfig, values["optimizer"],
+                                        "config.optimizer"),
+      mesh=config_lib.read_section(sharding.MeshConfig, values["mesh"], "config.mesh"),
       rules=tuple(tuple(rule) for rule in config.sharding_rules) or sharding.DEFAULT_RULES,
-      settings=read_section(family.settings, {k: values[k] for k in own_fields}, "config"),
+      settings=config_lib.read_section(family.settings, {k: values[k] for k in own_fields},
+                                       "config"),
+      allow_config_change=config.allow_config_change,
       config_json=config.to_json_best_effort(indent=2), export=export)
   return family, run
 
@@ -146,20 +136,37 @@ def main(argv) -> int:
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   export = family_lib.ExportRequest(output=_OUTPUT.value or "", format=_FORMAT.value or "",
                                     overwrite=_OVERWRITE.value)
-  return dispatch(_CONFIG.value, _workdir(flags.FLAGS["config"].config_filename), _MODE.value,
-                  export)
+  try:
+    config = _CONFIG.value
+    config.keys()  # config_flags reports a recipe it could not load on first use
+  except Exception as error:  # pylint: disable=broad-except  # a missing or broken recipe
+    print(f"error: {config_lib.flag_error(error, sys.argv, DEFAULT_CONFIG)}", file=sys.stderr)
+    return family_lib.EXIT_BAD_INPUT
+  return dispatch(config, _workdir(flags.FLAGS["config"].config_filename), _MODE.value, export)
 
 
 def dispatch(config, workdir: str, mode: str = "train",
              export: Optional[family_lib.ExportRequest] = None) -> int:
-  """Runs `mode` of the family of `config.task`; a bad setting is one `error:` line, status 2."""
+  """Runs `mode` of the family of `config.task` and returns the exit status: 0 done, 2 bad input
+  (one `error:` line), 3 training diverged, 75 stopped by a signal with a checkpoint saved."""
   try:  # ValueError: ConfigError and the checks of the packages below run.py
     family, run = prepare(config, workdir, mode, export)
-    return family.modes[run.mode](run)
+    return family.run_mode(run)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
-    return 2
+    return family_lib.EXIT_BAD_INPUT
+
+
+def _parse_flags(argv):
+  """absl's parsing (which also loads the recipe), with its errors as one `error:` line."""
+  if not any(re.match(r"^--?config(=|$)", arg) for arg in argv[1:]):
+    argv = [argv[0], f"--config={DEFAULT_CONFIG}"] + list(argv[1:])
+  try:
+    return flags.FLAGS(argv)
+  except Exception as error:  # pylint: disable=broad-except  # any failure of a recipe or a flag
+    print(f"error: {config_lib.flag_error(error, argv, DEFAULT_CONFIG)}", file=sys.stderr)
+    sys.exit(family_lib.EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)

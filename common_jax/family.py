@@ -21,6 +21,7 @@ import dataclasses
 import importlib
 import json
 import os
+import sys
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -35,13 +36,16 @@ from common_jax import sharding
 from common_jax import task as task_lib
 from common_jax import train
 from common_jax import weights
+from common_jax import workdir as workdir_lib
+from common_jax.errors import ConfigError
 
 FAMILY_MODULES = ("vit_jax.family", "igpt_jax.family")
+# Exit statuses of run.py: a wrapper script can tell "run me again" from "done" and "fix me".
+EXIT_DONE = 0
+EXIT_BAD_INPUT = 2  # one `error:` sentence; nothing was computed or changed
+EXIT_DIVERGED = 3  # a non-finite loss or gradient norm; the last good checkpoint is kept
+EXIT_STOPPED = 75  # SIGTERM/SIGINT: a checkpoint was saved, run the same command again
 _REGISTERED: List["Family"] = []
-
-
-class ConfigError(ValueError):
-  """A setting that cannot work; raised before any compute, shown as one sentence."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,7 @@ class Run:
   mesh: sharding.MeshConfig
   rules: Tuple[Tuple[str, Any], ...]
   settings: Any  # the family's `settings` dataclass
+  allow_config_change: bool = False  # a resumed run may change what alters its trajectory
   config_json: str = "{}"  # recorded as <workdir>/config.json by a fresh training run
   export: Optional[ExportRequest] = None
   initial_params: Optional[Callable[[Any], Any]] = None  # set by `Family.check`
@@ -180,6 +185,10 @@ class Family:
         options[key] = dtypes[options[key]]
     if "attention_implementation" in options:
       options["attention_implementation"] = options["attention_implementation"] or None
+      if options["attention_implementation"] == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"config.model.attention_implementation='cudnn' needs an NVIDIA GPU "
+                          f"with cuDNN, and this run's devices are {jax.default_backend()}; "
+                          "leave it empty (JAX chooses) or set 'xla'.")
     return options
 
   def model(self, run: Run):
@@ -212,14 +221,32 @@ class Family:
     """Said after the plan line (e.g. what a training run will prepare first)."""
     return ""
 
-  def export_checkpoint(self, run: Run, output: str, format: str) -> str:  # pylint: disable=redefined-builtin
+  def export_checkpoint(self, run: Run, output: str, export_format: str) -> str:
     """Writes the params of the workdir's latest checkpoint to `output`; returns the path."""
     raise NotImplementedError
+
+  def is_export(self, path: str, export_format: str) -> bool:
+    """Whether `path` is an earlier export in `export_format` (--overwrite may replace it)."""
+    return False
+
+  #: Config fields (dotted) a resumed run may change besides `workdir.RESUME_FREE_FIELDS`.
+  resume_free_fields: Tuple[str, ...] = ()
 
   # -- Shared by every family ----------------------------------------------------------------
 
   def make_task(self, run: Run) -> task_lib.Task:
     return self.tasks[run.task](run)
+
+  def run_mode(self, run: Run) -> int:
+    """Runs `run.mode` (checked already), holding the workdir's lock when the mode writes."""
+    if run.mode not in self.writing_modes:
+      return self.modes[run.mode](run)
+    with workdir_lib.lock(run.workdir):
+      try:
+        return self.modes[run.mode](run)
+      except train.TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
 
   def check(self, run: Run) -> None:
     """Every check that can fail before compute: the model, loop, optimiser, mesh and batch,
@@ -229,6 +256,9 @@ class Family:
     if run.mode not in self.modes:
       raise ConfigError(f"--mode {run.mode} is not a mode of {self.name} tasks such as "
                         f"{run.task!r}; use one of {', '.join(self.modes)}.")
+    for name, value in (("image_size", run.image_size), ("num_classes", run.num_classes)):
+      if value < 1:
+        raise ConfigError(f"config.{name}={value} must be positive.")
     self.model(run)
     if run.mode != "export":  # an export reads the workdir only: no data, any device count
       train.check_loop(run.loop)
@@ -250,16 +280,22 @@ class Family:
 
   def train(self, run: Run) -> int:
     """Trains (resuming from the workdir's latest checkpoint) and writes result.json."""
+    if has_checkpoints(run.workdir):  # resumed: the config it was started with still holds
+      workdir_lib.check_resumed_config(
+          run.workdir, run.config_json, workdir_lib.latest_saved_step(run.workdir),
+          allow=run.allow_config_change,
+          free=workdir_lib.RESUME_FREE_FIELDS + self.resume_free_fields)
+    elif is_main_process():
+      weights.write_text(os.path.join(run.workdir, "config.json"), run.config_json)
     self.before_training(run)
     task = self.make_task(run)
-    if is_main_process() and not has_checkpoints(run.workdir):
-      # A fresh run records its config; a resumed run keeps the one it was started with.
-      weights.write_text(os.path.join(run.workdir, "config.json"), run.config_json)
     result = train.train_and_evaluate(
         task, loop=run.loop, optimizer=run.optimizer, mesh_config=run.mesh, workdir=run.workdir,
         train_data=run.train_data, eval_data=run.eval_data, rules=run.rules,
         initial_params=run.initial_params)
-    if not result["stopped"] and result["eval"] and is_main_process():
+    if result["stopped"]:
+      return EXIT_STOPPED
+    if result["eval"] and is_main_process():
       headline = task.headline_metric
       summary = {"step": result["step"], headline: result["eval"].get(headline),
                  "train_seconds": round(result["seconds"], 1)}
@@ -267,7 +303,7 @@ class Family:
                                 json.dumps(dict(summary, eval=result["eval"]), indent=2))
       print(f"final {headline}: {result['eval'].get(headline, float('nan')):.4f} "
             f"(results in {path})")
-    return 0
+    return EXIT_DONE
 
   def evaluate(self, run: Run) -> int:
     """Evaluates the parameters of the workdir's latest checkpoint on the eval split."""
@@ -288,12 +324,22 @@ class Family:
     request = run.export
     if request is None or not request.output:
       raise ConfigError("--mode export needs --output=<file or directory>.")
-    format = request.format or self.export_formats[0]  # pylint: disable=redefined-builtin
-    if format not in self.export_formats:
-      raise ConfigError(f"--format {format} is not an export format of {self.name} models; use "
-                        f"one of {', '.join(self.export_formats)}.")
+    export_format = request.format or self.export_formats[0]
+    if export_format not in self.export_formats:
+      raise ConfigError(f"--format {export_format} is not an export format of {self.name} "
+                        f"models; use one of {', '.join(self.export_formats)}.")
+    output = os.path.abspath(request.output)
+    workdir_lib.check_export_target(output, run.workdir)
+    if os.path.exists(output) and not (os.path.isdir(output) and not os.listdir(output)):
+      if not request.overwrite:
+        raise ConfigError(f"--output {output} already exists; choose a new path or pass "
+                          "--overwrite to replace it.")
+      if not self.is_export(output, export_format):
+        raise ConfigError(f"--output {output} is not an earlier {export_format} export of a "
+                          f"{self.name} model, and --overwrite replaces only those; choose "
+                          "another path.")
     try:
-      path = self.export_checkpoint(run, os.path.abspath(request.output), format)
+      path = self.export_checkpoint(run, output, export_format)
     except OSError as error:
       raise ConfigError(f"--output {request.output} cannot be written "
                         f"({error.strerror or error}); choose a path you can write to.") from None

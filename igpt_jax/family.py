@@ -91,6 +91,8 @@ class IgptFamily(family.Family):
   tasks = {name: _task for name in TASKS}
   settings = Settings
   writing_modes = ("train", "palette", "sample", "probe")
+  resume_free_fields = ("sample", "probe_layers", "probe_l2", "probe_folds", "palette_iterations",
+                        "palette_max_pixels")
   export_formats = ("hf",)
 
   def __init__(self):
@@ -144,6 +146,8 @@ class IgptFamily(family.Family):
 
   def _check_palette(self, run: family.Run) -> None:
     path = palette_path(run)
+    if os.path.exists(path) and run.mode != "palette":
+      igpt_jax.load_palette(path, num_clusters=run.settings.palette_clusters)  # its own checks
     if run.mode == "palette" and os.path.exists(path) and family.has_checkpoints(run.workdir):
       raise family.ConfigError(f"{run.workdir} holds checkpoints trained on the colour ids of "
                                f"{path}; refitting would change what they mean: use a new "
@@ -262,8 +266,17 @@ class IgptFamily(family.Family):
       weights.write_text(os.path.join(run.workdir, "probe.json"), json.dumps(report, indent=2))
     return 0
 
-  def export_checkpoint(self, run: family.Run, output: str, format: str) -> str:  # pylint: disable=redefined-builtin
-    del format  # hf only
+  def is_export(self, path: str, export_format: str) -> bool:
+    """A Hugging Face ImageGPT directory (config.json with model_type imagegpt)."""
+    del export_format  # hf only
+    try:
+      with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        return json.load(f).get("model_type") == "imagegpt"
+    except (OSError, ValueError, AttributeError):
+      return False
+
+  def export_checkpoint(self, run: family.Run, output: str, export_format: str) -> str:
+    del export_format  # hf only
     clusters = igpt_jax.load_palette(palette_path(run))
     return igpt_jax.export_hf_from_checkpoint(run.workdir, self.model(run), output, clusters,
                                               overwrite=run.export.overwrite)

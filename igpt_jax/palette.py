@@ -193,7 +193,7 @@ def load_palette(path: str, num_clusters: Optional[int] = None) -> np.ndarray:
   """Reads a palette `.npy` file -> [num_clusters, 3] float32.
 
   Raises ValueError (one sentence naming the path and the fix) when the file is missing,
-  unreadable, not a float [k, 3] array, or has a k other than `num_clusters`.
+  unreadable, not a float [k, 3] array, holds NaN or inf, or has a k other than `num_clusters`.
   """
   fix = ("fit one first with run.py's `palette` mode (or igpt_jax.fit_palette + save_palette), "
          "or point the config at OpenAI's kmeans_centers.npy")
@@ -206,6 +206,8 @@ def load_palette(path: str, num_clusters: Optional[int] = None) -> np.ndarray:
   if centres.ndim != 2 or centres.shape[1] != 3 or not np.issubdtype(centres.dtype, np.floating):
     raise ValueError(f"palette file {path!r} holds a {centres.dtype} array of shape "
                      f"{centres.shape}, not float [num_clusters, 3]; {fix}.")
+  if not np.all(np.isfinite(centres)):
+    raise ValueError(f"palette file {path!r} holds non-finite colours (NaN or inf); {fix}.")
   if num_clusters is not None and centres.shape[0] != num_clusters:
     raise ValueError(f"palette file {path!r} has {centres.shape[0]} colours but the model "
                      f"expects num_clusters={num_clusters}; set num_clusters to "

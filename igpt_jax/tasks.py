@@ -122,7 +122,8 @@ class AutoregressiveTask(_ImageGPTTask):
 
   objective = "autoregressive"
 
-  def loss_and_metrics(self, params: Any, batch: Batch, rng: jax.Array, train: bool) -> Tuple[jax.Array, Metrics]:
+  def loss_and_metrics(self, params: Any, batch: Batch, rng: jax.Array,
+                       train: bool) -> Tuple[jax.Array, Metrics]:
     ids = self.token_ids(batch)
     logits = self.model.apply(_variables(params), ids, train=train, rngs={"dropout": rng})
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids))
@@ -149,7 +150,8 @@ class BertTask(_ImageGPTTask):
     logits = self.model.apply(_variables(params), ids, masked=masked, train=train, rngs=rngs)
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids)
 
-  def loss_and_metrics(self, params: Any, batch: Batch, rng: jax.Array, train: bool) -> Tuple[jax.Array, Metrics]:
+  def loss_and_metrics(self, params: Any, batch: Batch, rng: jax.Array,
+                       train: bool) -> Tuple[jax.Array, Metrics]:
     ids = self.token_ids(batch)
     mask_rng, dropout_rng = jax.random.split(rng)
     masked = self.bert_mask(mask_rng, ids)
@@ -198,7 +200,8 @@ class FineTuneTask(_ImageGPTTask):
     gen = masked_token_loss(nll, masked) if masked is not None else jnp.mean(nll, axis=1)
     return gen, class_logits, batch["label"].astype(jnp.int32)
 
-  def loss_and_metrics(self, params: Any, batch: Batch, rng: jax.Array, train: bool) -> Tuple[jax.Array, Metrics]:
+  def loss_and_metrics(self, params: Any, batch: Batch, rng: jax.Array,
+                       train: bool) -> Tuple[jax.Array, Metrics]:
     mask_rng, dropout_rng = jax.random.split(rng)
     gen, class_logits, labels = self._forward(params, batch, mask_rng, train, dropout_rng)
     gen_loss = jnp.mean(gen)

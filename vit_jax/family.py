@@ -3,11 +3,11 @@ official .npz, a timm .safetensors or another run's workdir in `config.init_from
 export mode (`--format npz` in the official layout, `--format safetensors` with timm names)."""
 
 import dataclasses
-import os
 from typing import Any, Dict
 
 import vit_jax
 from common_jax import family
+from common_jax import weights
 from vit_jax import tasks
 
 
@@ -43,11 +43,20 @@ class VitFamily(family.Family):
     # Names and shapes are checked against the file or workdir now; arrays are read later.
     return vit_jax.pretrained_initializer(run.init_from, self.model(run))
 
-  def export_checkpoint(self, run: family.Run, output: str, format: str) -> str:  # pylint: disable=redefined-builtin
-    if os.path.exists(output) and not run.export.overwrite:
-      raise family.ConfigError(f"--output {output} already exists; choose a new path or pass "
-                               "--overwrite to replace it.")
-    return vit_jax.export_from_checkpoint(run.workdir, self.model(run), output, format)
+  def export_checkpoint(self, run: family.Run, output: str, export_format: str) -> str:
+    return vit_jax.export_from_checkpoint(run.workdir, self.model(run), output,
+                                          export_format)
+
+  def is_export(self, path: str, export_format: str) -> bool:
+    """An npz in the official layout, or safetensors with timm's names."""
+    read, name = {"npz": (weights.read_npz, "embedding/kernel"),
+                  "safetensors": (lambda p: weights.read_safetensors([p]),
+                                  "patch_embed.proj.weight")}[export_format]
+    try:
+      with read(path) as tensors:
+        return name in tensors.shapes
+    except (ValueError, OSError):
+      return False
 
 
 FAMILY = VitFamily()

@@ -332,8 +332,19 @@ def resolve_spec(variant: str, **overrides: Any) -> ModelSpec:
   return spec
 
 
-def check_options(*, image_size: int, patch_size: int, classifier: str, posemb: str) -> None:
+def check_options(*, image_size: int, patch_size: int, classifier: str, posemb: str,
+                  num_classes: int = 1, dropout_rate: float = 0.0,
+                  representation_size: Optional[int] = None) -> None:
   """Raises one clear ValueError for option combinations that cannot work."""
+  if image_size < 1:
+    raise ValueError(f"image_size={image_size} must be positive.")
+  if num_classes < 0:
+    raise ValueError(f"num_classes={num_classes} must be >= 0 (0: no head).")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate={dropout_rate} must lie in [0, 1).")
+  if representation_size is not None and representation_size < 1:
+    raise ValueError(f"representation_size={representation_size} must be positive, or None "
+                     "(config: 0) for no pre-logits layer.")
   if classifier not in CLASSIFIERS:
     raise ValueError(f"classifier={classifier!r} is unknown; use one of {CLASSIFIERS}.")
   if posemb not in POSEMBS:
@@ -356,7 +367,8 @@ def create_model(variant: str = "B/16", *, num_classes: int = 1000, image_size: 
   """
   spec = resolve_spec(variant, **shape_overrides)
   check_options(image_size=image_size, patch_size=spec.patch_size, classifier=classifier,
-                posemb=posemb)
+                posemb=posemb, num_classes=num_classes, dropout_rate=dropout_rate,
+                representation_size=representation_size)
   return VisionTransformer(
       num_classes=num_classes, patch_size=spec.patch_size, width=spec.width, depth=spec.depth,
       mlp_dim=spec.mlp_dim, num_heads=spec.num_heads, image_size=image_size,
