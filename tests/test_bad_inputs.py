@@ -136,6 +136,8 @@ CASES = {
                                 "lies in the workdir"),
     "export over a workdir": ("igpt", "export", {}, ("{root}/vit", "hf", True),
                               "lies in the workdir"),
+    "export over its own workdir": ("igpt", "export", {}, ("{workdir}", "hf", True),
+                                    "lies in the workdir"),
     "overwrite a non-export": ("vit", "export", {}, ("{tmp}/notes.txt", "npz", True),
                               "is not an earlier npz export"),
     "existing output": ("vit", "export", {}, ("{tmp}/notes.txt", "npz", False),
