@@ -107,7 +107,8 @@ class Run:
         split=self.data.train_split, preprocess=self.data.preprocess_train,
         global_batch_size=self.loop.batch_size, seed=self.loop.seed, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        worker_count=self.data.data_workers, cache=self.data.data_cache, **self.data.source)
+        worker_count=self.data.data_workers, cache=self.data.data_cache,
+        skip_bad_images=self.data.skip_bad_images, **self.data.source)
 
   def eval_data(self, split: Optional[str] = None):
     """One pass over `split` (default: the eval split), padded rows marked by "mask"."""
@@ -115,7 +116,8 @@ class Run:
     return data.eval_iterator(
         split=split or self.data.eval_split, preprocess=self.data.preprocess_eval,
         global_batch_size=self.data.eval_batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), **self.data.source)
+        process_count=jax.process_count(), skip_bad_images=self.data.skip_bad_images,
+        **self.data.source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,8 +271,14 @@ class Family:
         sharding.check_batch_size(run.loop.batch_size // run.loop.accum_steps, mesh,
                                   field="config.batch_size / config.accum_steps")
       sharding.check_batch_size(run.data.eval_batch_size, mesh, field="config.eval_batch_size")
-      data.check_dataset(split=run.data.train_split, **run.data.source)
-      data.check_dataset(split=run.data.eval_split, **run.data.source)
+      for split, field, spec, spec_field in (
+          (run.data.train_split, "config.train_split", run.data.preprocess_train,
+           "config.preprocess_train"),
+          (run.data.eval_split, "config.eval_split", run.data.preprocess_eval,
+           "config.preprocess_eval")):
+        data.check_dataset(split=split, split_field=field,
+                           skip_bad_images=run.data.skip_bad_images, **run.data.source)
+        data.check_preprocess(spec, spec_field, split=split, **run.data.source)
       if self.uses_labels(run):
         check_num_classes(run)
     self.check_settings(run)

@@ -158,6 +158,14 @@ CASES = {
                                     {"task": "igpt_finetune_ar", "model.width": 48,
                                      "init_from": "{root}/igpt"}, None,
                                     "use the same model options as the pre-training run"),
+    "unknown preprocessing op": ("vit", "train", {"preprocess_train": "decode|nope(3)"}, None,
+                                 "has the op 'nope(3)', which is unknown"),
+    "preprocessing without decode": ("vit", "train", {"preprocess_eval": "value_range(-1,1)"},
+                                     None, "start it with 'decode'"),
+    "image folder without a root": ("vit", "train", {"dataset": "image_folder:"}, None,
+                                    "names no folder"),
+    "text file named .png": ("vit", "train", {"dataset": "image_folder:{tmp}/folder"}, None,
+                             "image 'train/a/bad.png'"),
     "eval of an empty workdir": ("vit", "eval", {}, None, "holds no checkpoints directory"),
     "workdir in use": ("vit", "train", {"total_steps": 20}, None, "is in use by process"),
 }
@@ -175,6 +183,12 @@ def test_bad_input_is_one_sentence_and_changes_nothing(case, trained, tmp_path, 
   (tmp_path / "notes.txt").write_text("my notes")
   _official_npz(tmp_path / "wide.npz", width=48)
   np.save(tmp_path / "nan.npy", np.full((16, 3), np.nan, np.float32))
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for split in ("train", "test"):
+    os.makedirs(tmp_path / "folder" / split / "a")
+    image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    image.save(tmp_path / "folder" / split / "a" / "0.png")
+  (tmp_path / "folder" / "train" / "a" / "bad.png").write_text("not an image")
   if export is not None:
     export = family_lib.ExportRequest(export[0].format(**names), export[1], export[2])
   lock = None

@@ -3,6 +3,7 @@
 import collections
 import io
 import os
+import re
 import sys
 
 import numpy as np
@@ -238,9 +239,11 @@ def test_image_folder_builder_labels_classes_alphabetically(tmp_path):
       (central(image).astype(np.float32).tobytes(), sorted(class_names).index(class_name))
       for (split, class_name, _), image in images.items() if split == "train")
   assert row_keys(batches) == expected
-  with pytest.raises(ValueError, match="'decode' gives images of shapes .* give them one size"):
-    list(data.eval_iterator(dataset=dataset, split="train", preprocess="decode",
-                            global_batch_size=4, data_dir=data_dir))
+  # A string that leaves the sizes mixed is refused before the first batch.
+  with pytest.raises(ValueError, match="config.preprocess_eval='decode' leaves images of split "
+                     "'train' .* at different sizes .*; give them one size"):
+    data.eval_iterator(dataset=dataset, split="train", preprocess="decode", global_batch_size=4,
+                       data_dir=data_dir)
   # Adding an image makes a fresh build rather than reading the stale one.
   write_png(str(root / "test" / "cat" / "new.png"), images[("test", "cat", 0)])
   assert data.dataset_info(dataset, data_dir).splits["test"] == 5
@@ -395,3 +398,339 @@ def test_vit_trains_on_an_image_folder_with_worker_processes(tmp_path):
       iterator.close()
   assert result["step"] == 3 and len(iterators) == 1
   assert np.isfinite(result["eval"]["loss"]) and 0 <= result["eval"]["accuracy"] <= 1
+
+
+# Bad input: every mistake is one sentence (a ValueError) naming the field or file and the fix,
+# before any compute where it can be known, and leaves the user's files as they were.
+
+def assert_one_sentence(error):
+  message = str(error.value if hasattr(error, "value") else error)
+  assert isinstance(error.value if hasattr(error, "value") else error, ValueError)
+  assert "\n" not in message and message.endswith(".") and ". " not in message, message
+  return message
+
+
+def folder_state(root):
+  return {str(path.relative_to(root)): path.read_bytes() if path.is_file() else None
+          for path in sorted(root.rglob("*"))}
+
+
+def png_bytes(shape, seed=0):
+  png = io.BytesIO()
+  PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, np.uint8)).save(
+      png, format="PNG")
+  return png.getvalue()
+
+
+BAD_FILES = {  # what a user finds in an image folder, and whether its header gives it away
+    "text named .png": (b"not an image, just text\n", True),
+    "empty file": (b"", True),
+    "cut-short png": (png_bytes((16, 16, 3))[:200], False),  # the header reads, the pixels don't
+}
+
+
+def bad_folder(tmp_path, bad_kind, name="bad.png"):
+  """train/{ant,cat}/{0,1}.png of 4x4 pixels, plus train/cat/<name> holding `bad_kind`."""
+  root = tmp_path / "folder"
+  for class_name in ("ant", "cat"):
+    for i in range(2):
+      (root / "train" / class_name).mkdir(parents=True, exist_ok=True)
+      (root / "train" / class_name / f"{i}.png").write_bytes(png_bytes((4, 4, 3), seed=i))
+  (root / "train" / "cat" / name).write_bytes(BAD_FILES[bad_kind][0])
+  return root, dict(dataset=f"image_folder:{root}", split="train", data_dir=str(tmp_path / "tfds"),
+                    preprocess="decode|value_range(-1,1)", global_batch_size=5)
+
+
+@pytest.mark.parametrize("bad_kind", sorted(BAD_FILES))
+def test_an_undecodable_image_is_one_sentence_naming_its_file_and_example(bad_kind, tmp_path):
+  root, kwargs = bad_folder(tmp_path, bad_kind)
+  before = folder_state(root)
+  # Listing order: ant/0, ant/1, cat/0, cat/1, cat/bad -> example 4.
+  fragment = "image 'train/cat/bad.png' (example 4 of split 'train' of config.dataset="
+  fix = "replace or delete", "or set config.skip_bad_images=True to skip and count such images."
+  caught_by_header = BAD_FILES[bad_kind][1]
+  if caught_by_header:  # refused before any compute, by the check and by each iterator
+    for call in (lambda: data.check_dataset(kwargs["dataset"], "train", kwargs["data_dir"]),
+                 lambda: data.train_iterator(seed=0, **kwargs),
+                 lambda: data.eval_iterator(**kwargs)):
+      with pytest.raises(data.BadImageError) as error:
+        call()
+      assert fragment in assert_one_sentence(error) and all(f in str(error.value) for f in fix)
+  else:  # the header reads: the image fails where it is decoded, with the same sentence
+    data.check_dataset(kwargs["dataset"], "train", kwargs["data_dir"])
+    with pytest.raises(data.BadImageError) as error:
+      list(data.eval_iterator(**kwargs))
+    message = assert_one_sentence(error)
+    assert fragment in message and "truncated" in message
+    with pytest.raises(data.BadImageError, match=re.escape(fragment)):
+      next(data.train_iterator(seed=0, **kwargs))
+  assert folder_state(root) == before
+
+
+def test_an_undecodable_image_in_a_worker_process_reaches_the_caller_as_the_same_sentence(
+    tmp_path):
+  _, kwargs = bad_folder(tmp_path, "cut-short png")
+  with pytest.raises(data.BadImageError) as in_process:
+    next(data.train_iterator(seed=0, **kwargs))
+  iterator = data.train_iterator(seed=0, worker_count=1, **kwargs)
+  with pytest.raises(data.BadImageError) as in_worker:
+    next(iterator)
+  iterator.close()
+  assert str(in_worker.value) == str(in_process.value)
+  assert_one_sentence(in_worker)
+
+
+class CorruptCatalogueStandIn(tfds.core.GeneratorBasedBuilder):
+  """A catalogue-style builder whose `tfds.features.Image` decodes when read; example 2 is cut."""
+  VERSION = tfds.core.Version("1.0.0")
+  code_path = None
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, disable_shuffling=True,
+                                 features=tfds.features.FeaturesDict({
+                                     "image": tfds.features.Image(shape=(4, 4, 3)),
+                                     "label": tfds.features.ClassLabel(num_classes=2)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(4):
+      image = png_bytes((4, 4, 3), seed=i)
+      yield i, {"image": image[:40] if i == 2 else image, "label": i % 2}
+
+
+def test_an_undecodable_catalogue_image_names_its_example(tmp_path):
+  CorruptCatalogueStandIn(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  kwargs = dict(dataset="corrupt_catalogue_stand_in", split="train", data_dir=str(tmp_path),
+                preprocess="decode|value_range(-1,1)", global_batch_size=4)
+  with pytest.raises(data.BadImageError) as error:
+    list(data.eval_iterator(**kwargs))
+  assert assert_one_sentence(error).startswith(
+      "example 2 of split 'train' of config.dataset='corrupt_catalogue_stand_in' cannot be "
+      "decoded (")
+  batches = list(data.eval_iterator(**kwargs, skip_bad_images=True))
+  assert batches[0]["mask"].tolist() == [1, 1, 0, 1]
+
+
+def take_and_report(iterator, count):
+  batches = take(iterator, count)
+  return batches, dict(iterator.bad_images)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_skip_bad_images_substitutes_deterministically_and_resumes_exactly(cache, tmp_path,
+                                                                           capsys):
+  root, kwargs = bad_folder(tmp_path, "cut-short png", name=f"bad_{cache}.png")
+  kwargs.update(preprocess="decode|random_crop(4,pad=1)|flip_lr|value_range(-1,1)", seed=3,
+                cache=cache, skip_bad_images=True)
+  before = folder_state(root)
+  unbroken, bad = take_and_report(data.train_iterator(**kwargs), 6)  # 6 epochs of 5
+  where = f"image 'train/cat/bad_{cache}.png' (example 4 of split 'train' of config.dataset="
+  assert len(bad) == 1 and next(iter(bad)).startswith(where) and sum(bad.values()) >= 6
+  warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 1 and where in warnings[0], warnings  # once, with the running count
+  assert "1 undecodable image so far" in warnings[0]
+  again, _ = take_and_report(data.train_iterator(**kwargs), 6)
+  resumed, _ = take_and_report(data.train_iterator(**kwargs, start_step=4), 2)
+  for a, b in zip(unbroken, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  for a, b in zip(unbroken[4:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  # Every row is a real image of the four good ones (no zeros, no half-decoded rows).
+  assert all(b["image"].shape == (5, 4, 4, 3) and set(b.keys()) == {"image", "label"}
+             for b in unbroken)
+  assert folder_state(root) == before
+
+
+def test_skip_bad_images_in_eval_leaves_the_image_out_and_says_so(tmp_path, capsys):
+  _, kwargs = bad_folder(tmp_path, "text named .png")
+  batches = list(data.eval_iterator(**kwargs, skip_bad_images=True))
+  assert [b["mask"].tolist() for b in batches] == [[1, 1, 1, 1, 0]]
+  assert not batches[0]["image"][4].any() and set(batches[0]) == {"image", "label", "mask"}
+  warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 2 and "left out of the evaluation" in warnings[0]
+  assert warnings[1].startswith("warning: 1 undecodable image was left out of this evaluation")
+
+
+PREPROCESS_MISTAKES = [  # (config string, what the sentence must name)
+    ("decode|nope(3)", "'nope(3)', which is unknown; known ops are decode, resize, "),
+    ("decode|random_crop(abc)", "'random_crop(abc)', with an argument that is not a plain "
+     "number or list; the op is random_crop(size, pad=0)"),
+    ("decode|inception_crop(0)", "'inception_crop(0)', with a bad argument: size must be a "
+     "positive int"),
+    ("decode|value_range(1,1)", "'value_range(1,1)', with a bad argument: vmin and vmax must "
+     "differ"),
+    ("decode|value_range(0,1,in_min=3,in_max=3)", "in_min and in_max must differ"),
+    ("decode|value_range('a')", "vmin must be a finite number, got 'a'"),
+    ("decode|resize(True)", "size must be a positive int or [height, width] of positive ints, "
+     "got True; the op is resize(size)"),
+    ("decode|resize(4.5)", "got 4.5"),
+    ("decode|resize((4, 4, 4))", "got (4, 4, 4)"),
+    ("decode|random_crop(4, pad=1.5)", "pad must be a non-negative int, got 1.5"),
+    ("decode|random_crop()", "whose arguments do not fit: missing a required argument: 'size'; "
+     "the op is random_crop(size, pad=0)"),
+    ("decode|flip_lr(3)", "whose arguments do not fit: too many positional arguments; the op is "
+     "flip_lr()"),
+    ("decode|resize(x=4)", "the op is resize(size)"),
+    ("decode|inception_crop(4, area_min=-1)", "need 0 < area_min <= area_max <= 100"),
+    ("decode||flip_lr", "the op '', which is not of the form name or name(args)"),
+    ("decode|resize(224", "'resize(224', which is not of the form"),
+    ("resize(4)|value_range(-1,1)", "starts with 'resize(4)'; start it with 'decode'"),
+    ("decode|resize(4)|decode", "decodes twice"),
+    ("", "is empty; start it with 'decode'"),
+    (3, "is not a string"),
+]
+
+
+@pytest.mark.parametrize("spec, fragment", PREPROCESS_MISTAKES)
+def test_check_preprocess_names_the_field_the_op_and_the_fix(spec, fragment):
+  with pytest.raises(ValueError) as error:
+    data.check_preprocess(spec, "config.preprocess_train")
+  message = assert_one_sentence(error)
+  assert message.startswith("config.preprocess_train") and fragment in message, message
+
+
+def test_every_recipe_preprocessing_passes_the_check():
+  import glob
+  import importlib
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for path in glob.glob(os.path.join(repo, "configs", "*.py")):
+    name = os.path.basename(path)[:-3]
+    config = importlib.import_module(f"configs.{name}")
+    if not hasattr(config, "get_config"):
+      continue
+    config = config.get_config()
+    for field in ("preprocess_train", "preprocess_eval"):
+      if field in config:
+        data.check_preprocess(config[field], f"config.{field}")
+
+
+def test_preprocessing_that_leaves_sizes_mixed_is_refused_before_the_first_batch(tmp_path,
+                                                                                digits_dir):
+  mixed, same = tmp_path / "mixed", tmp_path / "same"
+  write_image_folder(mixed, np.random.default_rng(0), splits=(("train", 2),))  # 6 sizes
+  for i in range(2):
+    write_png(str(same / "test" / f"c{i}" / "0.png"), np.full((5, 6, 3), i, np.uint8))
+  data_dir = str(tmp_path / "tfds")
+  source = dict(dataset=f"image_folder:{mixed}", split="train", data_dir=data_dir)
+  with pytest.raises(ValueError) as error:
+    data.check_preprocess("decode|value_range(-1,1)", "config.preprocess_eval", **source)
+  message = assert_one_sentence(error)
+  assert message.startswith("config.preprocess_eval='decode|value_range(-1,1)' leaves images "
+                            "of split 'train' of config.dataset=")
+  assert re.search(r"at different sizes \(10x12 for image 'train/ant/0.png', 11x12 for "
+                   r"image 'train/ant/1.jpg'\), which cannot be stacked into batches; give "
+                   r"them one size with resize\(S\)", message), message
+  with pytest.raises(ValueError, match="leaves images of split 'train'"):
+    data.eval_iterator(preprocess="decode|value_range(-1,1)", global_batch_size=2, **source)
+  for spec in ("decode|resize(8)|value_range(-1,1)", "decode|resize_small(8)|central_crop(8)",
+               "decode|inception_crop(6)|flip_lr"):
+    data.check_preprocess(spec, "config.preprocess_eval", **source)
+  # One size throughout: no resize needed, and the dataset says which size.
+  data.check_preprocess("decode|value_range(-1,1)", "config.preprocess_eval",
+                        dataset=f"image_folder:{same}", split="test", data_dir=data_dir)
+  assert data.dataset_info(f"image_folder:{same}", data_dir).image_shape == (5, 6, 3)
+  # An op that cannot work on the images is named with the example it failed on.
+  with pytest.raises(ValueError) as error:
+    data.check_preprocess("decode|central_crop(10)", "config.preprocess_eval",
+                          dataset="sklearn_digits", split="test", data_dir=digits_dir)
+  assert assert_one_sentence(error).startswith(
+      "config.preprocess_eval='decode|central_crop(10)' fails on example 0 of split 'test' of "
+      "config.dataset='sklearn_digits': central_crop of 10x10 does not fit an image of shape "
+      "(8, 8, 3); resize first")
+
+
+def make_layout(tmp_path, case):
+  """An image folder laid out wrongly in one way; returns the config.dataset string."""
+  root = tmp_path / "folder"
+  image = png_bytes((4, 4, 3))
+  for path in ("train/ant/0.png", "train/cat/0.png", "test/ant/0.png"):
+    (root / path).parent.mkdir(parents=True, exist_ok=True)
+    (root / path).write_bytes(image)
+  if case == "class folder without images":
+    (root / "train" / "dog").mkdir()
+    (root / "train" / "dog" / "notes.txt").write_text("no images here")
+  elif case == "image directly in a split folder":
+    (root / "train" / "stray.png").write_bytes(image)
+  elif case == "root is a file":
+    return f"image_folder:{root}/train/ant/0.png"
+  elif case == "root does not exist":
+    return f"image_folder:{root}/nope"
+  elif case == "empty root":
+    return "image_folder:"
+  elif case == "no images at all":
+    (tmp_path / "empty" / "train").mkdir(parents=True)  # a split folder, no class folders
+    return f"image_folder:{tmp_path}/empty"
+  return f"image_folder:{root}"
+
+
+DATASET_MISTAKES = {  # case: (split, fragment of the one sentence)
+    "class folder without images": ("train", "but the class folder {root}/train/dog holds no "
+                                    ".png, .jpg or .jpeg file; add its images or remove"),
+    "image directly in a split folder": ("train", "but the image {root}/train/stray.png sits "
+                                         "directly in the split folder train; move each image"),
+    "root is a file": ("train", "but {root}/train/ant/0.png is a file; fix the path."),
+    "root does not exist": ("train", "but {root}/nope does not exist; fix the path."),
+    "empty root": ("train", "config.dataset='image_folder:' names no folder; write "
+                   "config.dataset='image_folder:/path/to/root'"),
+    "no images at all": ("train", "but no such images were found under"),
+    "missing split folder": ("validation", "config.eval_split='validation' is not a split of "
+                             "config.dataset='image_folder:{root}'; use one of 'test', 'train'"),
+    "slice of a missing split": ("train[:5]+val", "config.eval_split='train[:5]+val' names 'val', "
+                                 "which is not a split of"),
+    "slice out of range": ("train[:200%]", "that tfds can read; use one of 'test', 'train', or "
+                           "a slice such as 'train[:90%]'"),
+    "empty slice": ("train[1:1]", "config.eval_split='train[1:1]' selects no example of"),
+    "empty split string": ("", "config.eval_split='' names no split of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATASET_MISTAKES))
+def test_image_folder_and_split_mistakes_are_one_sentence(case, tmp_path):
+  dataset = make_layout(tmp_path, case)
+  root = tmp_path / "folder"
+  before = folder_state(tmp_path)
+  split, fragment = DATASET_MISTAKES[case]
+  with pytest.raises(ValueError) as error:
+    data.check_dataset(dataset, split, str(tmp_path / "tfds"), split_field="config.eval_split")
+  assert fragment.format(root=root) in assert_one_sentence(error)
+  after = folder_state(tmp_path)
+  assert {k: v for k, v in after.items() if not k.startswith("tfds")} == before
+
+
+def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):
+  root = tmp_path / "folder"
+  make_layout(tmp_path, "fine")
+  (root / "train" / ".ipynb_checkpoints").mkdir()
+  (root / "train" / "ant" / ".DS_Store").write_bytes(b"\0")
+  (root / "train" / "ant" / "._0.png").write_bytes(b"resource fork")
+  info = data.dataset_info(f"image_folder:{root}", str(tmp_path / "tfds"))
+  assert info.num_classes == 2 and info.splits == {"test": 1, "train": 2}
+
+
+@pytest.mark.parametrize("dataset, fragment", [
+    ("cifar_10", "config.dataset='cifar_10' is neither ours nor a tfds dataset in the catalogue "
+     "or prepared in config.data_dir ({data_dir}); the closest name is 'cifar10'."),
+    ("sklearn_digit", "the closest name is 'sklearn_digits'."),
+    ("image-folder:/data/pets", "for a folder of images write 'image_folder:/path/to/root' exactly."),
+    ("Image_folder:/data/pets", "for a folder of images write 'image_folder:/path/to/root'"),
+    ("cifar10:9.9.9", "config.dataset='cifar10:9.9.9' cannot be loaded by tfds (Dataset cifar10 "
+     "cannot be loaded at version 9.9.9, only: 3.0.2); fix the version or config"),
+    ("", "config.dataset='' names no dataset; use 'sklearn_digits'"),
+])
+def test_dataset_name_mistakes_are_one_sentence(dataset, fragment, tmp_path):
+  with pytest.raises(ValueError) as error:
+    data.check_dataset(dataset, "train", str(tmp_path))
+  assert fragment.format(data_dir=tmp_path) in assert_one_sentence(error)
+
+
+def test_a_data_dir_where_nothing_can_be_built_is_one_sentence(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ValueError) as error:
+    data.check_dataset("sklearn_digits", "train", str(blocker / "tfds"))
+  assert assert_one_sentence(error).startswith(
+      f"config.dataset='sklearn_digits' cannot be built into config.data_dir={blocker}/tfds: ")
+  assert blocker.read_text() == "not a directory"

@@ -12,11 +12,15 @@
                                     data_dir=data_dir, process_index=..., process_count=...):
       ...  # batch["mask"] marks the real rows
 
+Before any compute, `check_dataset(dataset, split, ...)` and `check_preprocess(spec, field, ...)`
+raise one sentence (a ValueError) for each bad input; images that cannot be decoded are
+`BadImageError` sentences naming the file, or are skipped with `skip_bad_images=True`.
+
 `builders`: which datasets exist and how they are prepared. `preprocess`: the op registry.
 `pipeline`: the iterators. Importing this package does not import TensorFlow.
 """
 
 from common_jax.data.builders import get_builder, ImageFolder, SklearnDigits
-from common_jax.data.pipeline import (check_dataset, dataset_info, DatasetInfo, eval_iterator,
-                                      train_iterator)
-from common_jax.data.preprocess import OPS, parse as parse_preprocess
+from common_jax.data.pipeline import (Batches, check_dataset, check_preprocess, dataset_info,
+                                      DatasetInfo, eval_iterator, train_iterator)
+from common_jax.data.preprocess import BadImageError, OPS, parse as parse_preprocess

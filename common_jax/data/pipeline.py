@@ -11,9 +11,21 @@ The train stream is a pure function of (seed, position), by construction:
 Nothing depends on iterator state, thread scheduling or how many steps ran before, so
 `start_step=N` yields exactly what an unbroken run yields from step N on, and the process count
 only decides who computes which rows.
+
+Bad input is one sentence (a ValueError), before the first batch where it can be known: the
+dataset and split (`check_dataset`), the preprocessing string, and whether it gives the images of
+a split one size (`check_preprocess`, which runs it on an image of each size an image folder
+holds, or on the first few examples of other datasets). An image that cannot be decoded stops
+the stream with one sentence naming its file (image folders) or example, the split and the fix;
+the build of an image folder reads every file's header, so a file no reader recognises (text,
+empty, cut short) is refused before the first batch too. With `skip_bad_images=True` such
+images are skipped instead, deterministically (see `train_iterator`), each reported once by a
+`warning:` line on stderr and counted in the iterator's `bad_images`.
 """
 
+import collections
 import dataclasses
+import sys
 from typing import Any, Callable, Iterator, Optional
 
 from absl import flags
@@ -36,7 +48,7 @@ class DatasetInfo:
     num_classes: labels are int32 in [0, num_classes).
     splits: {split name: number of examples}.
     image_shape: (height, width, 3) of decoded images when all share it (before preprocessing),
-      else None (e.g. image folders, ImageNet).
+      else None (image folders of mixed sizes, ImageNet).
   """
   name: str
   num_classes: int
@@ -93,45 +105,242 @@ class _SplitSource:
     return self._source[index]
 
 
-def _data_source(dataset: str, split: str, data_dir: Optional[str],
-                 manual_dir: Optional[str]) -> _SplitSource:
-  """The random-access source of one split (a split spec such as 'train[:90%]' works too)."""
+class _CachedSource:
+  """A split read into memory once; a record that failed to read raises its error again."""
+
+  def __init__(self, source):
+    self._records = []
+    for index in range(len(source)):
+      try:
+        self._records.append(source[index])
+      except Exception as error:  # pylint: disable=broad-except  # raised again when read
+        self._records.append(error)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self._records[index]
+    if isinstance(record, Exception):
+      raise record
+    return record
+
+
+TRAIN_FIELD, EVAL_FIELD = "config.preprocess_train", "config.preprocess_eval"
+BadImageError = preprocess_lib.BadImageError
+_BAD = "_bad_images"  # a row's undecodable images: [(where, reason)], taken off before yielding
+_MAX_DRAWS = 100  # substitutes tried for one position before a split counts as unreadable
+_TRIAL_EXAMPLES = 8  # examples a preprocessing string is tried on, without a folder report
+_WARNED: set[str] = set()  # undecodable images already reported by this process
+
+
+def _split_names(split: str) -> list[str]:
+  """'train[:90%]+test' -> ['train', 'test']."""
+  return [part.split("[")[0].strip() for part in split.split("+")]
+
+
+def _open_split(dataset: str, split: str, data_dir: Optional[str], manual_dir: Optional[str],
+                split_field: str = "split") -> tuple[tfds.core.DatasetBuilder, _SplitSource]:
+  """The builder and the random-access source of one split (a slice such as 'train[:90%]' too)."""
   builder = _classification_builder(dataset, data_dir, manual_dir)
+  what = f"{split_field}={split!r}" if split_field != "split" else f"split {split!r}"
+  known = ", ".join(repr(name) for name in sorted(builder.info.splits))
+  if not isinstance(split, str) or not split.strip():
+    raise ValueError(f"{what} names no split of config.dataset={dataset!r}; use one of {known}, "
+                     "or a slice such as 'train[:90%]'.")
   try:
     with builders.quiet_tfds():
       source = builder.as_data_source(split=split)
-  except (ValueError, KeyError) as error:
-    raise ValueError(
-        f"split {split!r} cannot be read from config.dataset={dataset!r} ({error}); use one of "
-        f"{sorted(builder.info.splits)}, or a slice such as 'train[:90%]'.") from None
+  except Exception as error:  # pylint: disable=broad-except  # tfds: ValueError, KeyError, ...
+    unknown = [name for name in _split_names(split) if name not in builder.info.splits]
+    if unknown:
+      named = "is not" if unknown[0] == split.strip() else f"names {unknown[0]!r}, which is not"
+      raise ValueError(f"{what} {named} a split of config.dataset={dataset!r}; use one of "
+                       f"{known}, or a slice such as 'train[:90%]'.") from None
+    if "0 length" in str(error):
+      raise ValueError(f"{what} selects no example of config.dataset={dataset!r}; widen the "
+                       "slice.") from None
+    raise ValueError(f"{what} is not a split of config.dataset={dataset!r} that tfds can read; "
+                     f"use one of {known}, or a slice such as 'train[:90%]', 'train[100:200]' "
+                     "or 'train+test' (percent bounds within -100..100).") from None
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
-    raise ValueError(f"split {split!r} of config.dataset={dataset!r} is empty; choose another.")
-  return _SplitSource(str(builder.data_dir), split, source)
+    raise ValueError(f"{what} of config.dataset={dataset!r} is empty; choose another.")
+  return builder, _SplitSource(str(builder.data_dir), split, source)
 
 
-def _example_fn(preprocess: str) -> Callable[[dict[str, Any], np.random.Generator], Batch]:
-  """Parses the op string; the returned function keeps only "image" float32 and "label" int32."""
-  ops = preprocess_lib.parse(preprocess)
+def _data_source(dataset: str, split: str, data_dir: Optional[str],
+                 manual_dir: Optional[str]) -> _SplitSource:
+  """The random-access source of one split (a split spec such as 'train[:90%]' works too)."""
+  return _open_split(dataset, split, data_dir, manual_dir)[1]
 
-  def process(example, rng):
-    example = ops(example, rng)
+
+def _check_readable(builder: tfds.core.DatasetBuilder, dataset: str, split: str,
+                    skip_bad_images: bool) -> None:
+  """Refuses a split of an image folder with files no image reader recognises, now, unless they
+  are to be skipped (the build read every header; slices are checked as their images come)."""
+  report = builders.folder_report(builder, split)
+  if skip_bad_images or not report or not report["num_unreadable"]:
+    return
+  index, path, reason = report["unreadable"][0]
+  count = report["num_unreadable"]
+  others = (f", nor can {count - 1} other file{'s' if count > 2 else ''} of the split"
+            if count > 1 else "")
+  raise BadImageError(
+      f"image {path!r} (example {index} of split {split!r} of config.dataset={dataset!r}) cannot "
+      f"be decoded ({reason}){others}; replace or delete that file, or set "
+      "config.skip_bad_images=True to skip and count such images.")
+
+
+class _Reader:
+  """Example `index` of a split: read, preprocessed and checked, any failure in one sentence.
+
+  An image that cannot be decoded (by the source, as catalogue datasets decode when read, or by
+  the `decode` op) raises `BadImageError` with `where` (the file or example) and `reason`; any
+  other ValueError of an op is the preprocessing string's, and names `field`.
+  """
+
+  def __init__(self, source, *, dataset: str, split: str, preprocess: str, field: str):
+    self.source, self.dataset, self.split = source, dataset, split
+    self.preprocess, self.field = preprocess, field
+    self.ops = preprocess_lib.parse(preprocess, field)
+
+  def where(self, index: int, record: Optional[dict[str, Any]], short: bool = False) -> str:
+    """"image 'train/cat/1.png' (example 7 of split 'train' of config.dataset=...)", or without
+    a path (catalogue datasets) "example 7 of split ..."; `short`: without split and dataset."""
+    example = f"example {index}" + ("" if short else
+                                    f" of split {self.split!r} of config.dataset={self.dataset!r}")
+    path = record.get("path") if isinstance(record, dict) else None
+    if isinstance(path, np.ndarray):
+      path = path.item()
+    if isinstance(path, bytes):
+      path = path.decode("utf-8", "replace")
+    if not path:
+      return example
+    return f"image {path!r}" if short else f"image {path!r} ({example})"
+
+  def _bad_image(self, index: int, record, reason: str) -> BadImageError:
+    where = self.where(index, record)
+    fix = ("replace or delete that file" if where.startswith("image ")
+           else "prepare the dataset again")
+    error = BadImageError(f"{where} cannot be decoded ({reason}); {fix}, or set "
+                          "config.skip_bad_images=True to skip and count such images.")
+    error.where, error.reason = where, reason
+    return error
+
+  def __call__(self, index: int, rng: np.random.Generator) -> Batch:
+    record = None
+    try:
+      record = self.source[index]
+      example = self.ops(record, rng)
+    except BadImageError as error:
+      raise self._bad_image(index, record, str(error)) from None
+    except Exception as error:  # pylint: disable=broad-except
+      if record is None:  # the source failed to decode the image it stores
+        raise self._bad_image(index, None, preprocess_lib.image_error_reason(error)) from None
+      if not isinstance(error, ValueError):
+        raise
+      raise ValueError(f"{self.field}={self.preprocess!r} fails on {self.where(index, record)}: "
+                       f"{str(error).rstrip('.')}.") from None
     image = example["image"]
-    if not (isinstance(image, np.ndarray) and image.ndim == 3):
-      raise ValueError(f"preprocess string {preprocess!r} does not produce an [height, width, 3] "
-                       "image; start it with 'decode'.")
+    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
+      raise ValueError(
+          f"{self.field}={self.preprocess!r} gives {self.where(index, record)} a "
+          f"{getattr(image, 'shape', type(image).__name__)} image, not [height, width, 3]; start "
+          "it with 'decode'.")
     return {"image": image.astype(np.float32, copy=False), "label": np.int32(example["label"])}
-  return process
 
 
-def _stack_fn(preprocess: str) -> Callable[[list[Batch]], Batch]:
-  """Stacks rows into a batch, with a clear error when the op string leaves sizes varying."""
+def _check_one_size(reader: _Reader, builder: tfds.core.DatasetBuilder) -> None:
+  """Runs the preprocessing on an image of each size an image folder's split holds (else on its
+  first few examples), so that a string that fails, or leaves sizes varying, which cannot be
+  stacked into batches, is one sentence now rather than a failure mid-run."""
+  shapes = {}
+  with builders.quiet_tfds():  # tfds logs a warning when it first decodes an image feature
+    for name in _split_names(reader.split):
+      if name not in builder.info.splits:
+        continue
+      report = builders.folder_report(builder, name)
+      if report is not None:
+        indices = [index for _, _, index in report["sizes"]]
+      else:
+        indices = range(min(_TRIAL_EXAMPLES, builder.info.splits[name].num_examples))
+      source = reader.source if name == reader.split else _SplitSource(
+          str(builder.data_dir), name, builder.as_data_source(split=name))
+      trial = _Reader(source, dataset=reader.dataset, split=name, preprocess=reader.preprocess,
+                      field=reader.field)
+      for index in indices:
+        try:
+          row = trial(index, np.random.default_rng([0, index]))
+        except BadImageError:
+          continue  # the business of the iterators (and of skip_bad_images), not of this check
+        shapes.setdefault(row["image"].shape[:2], trial.where(index, source[index], short=True))
+  if len(shapes) > 1:
+    (size, first), (other, second) = list(shapes.items())[:2]
+    raise ValueError(
+        f"{reader.field}={reader.preprocess!r} leaves images of split {reader.split!r} of "
+        f"config.dataset={reader.dataset!r} at different sizes ({size[0]}x{size[1]} for "
+        f"{first}, {other[0]}x{other[1]} for {second}), which cannot be stacked into batches; "
+        "give them one size with resize(S), central_crop(S) after resize_small(S), or "
+        "inception_crop(S).")
+
+
+def _stack_fn(field: str, preprocess: str) -> Callable[[list[Batch]], Batch]:
+  """Stacks rows into a batch (the lists of undecodable images are joined, not stacked), with
+  one sentence if sizes vary after all (a catalogue dataset past the examples checked)."""
   def stack(rows):
     shapes = {row["image"].shape for row in rows}
     if len(shapes) > 1:
-      raise ValueError(f"preprocess string {preprocess!r} gives images of shapes {sorted(shapes)} "
-                       "in one batch; give them one size, e.g. with resize(224) or central_crop.")
-    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+      raise ValueError(f"{field}={preprocess!r} gives images of shapes {sorted(shapes)} in one "
+                       "batch; give them one size with resize(S), or central_crop(S) after "
+                       "resize_small(S).")
+    return {key: ([bad for row in rows for bad in row[key]] if key == _BAD
+                  else np.stack([row[key] for row in rows])) for key in rows[0]}
   return stack
+
+
+class Batches:
+  """The iterator `train_iterator` and `eval_iterator` return: Grain's batches, with the
+  undecodable images skipped so far (`skip_bad_images=True`) reported and counted.
+
+  Attributes:
+    bad_images: {where (file or example, split, dataset): times skipped} in the batches yielded.
+  """
+
+  def __init__(self, iterator: Iterator[Batch], *, skipping: str,
+               summary: Optional[Callable[[int], str]] = None):
+    self._iterator, self._skipping, self._summary = iterator, skipping, summary
+    self.bad_images: collections.Counter = collections.Counter()
+
+  def __iter__(self) -> "Batches":
+    return self
+
+  def __next__(self) -> Batch:
+    try:
+      batch = next(self._iterator)
+    except StopIteration:
+      if self.bad_images and self._summary:
+        _warn(self._summary(sum(self.bad_images.values())))
+      raise
+    except BaseException:
+      self.close()  # worker processes and threads end with the error, not at exit
+      raise
+    for where, reason in batch.pop(_BAD, ()):
+      self.bad_images[where] += 1
+      if where not in _WARNED:
+        _WARNED.add(where)
+        _warn(f"skipped {where}, which cannot be decoded ({reason}); {self._skipping} "
+              f"(config.skip_bad_images=True), {len(self.bad_images)} undecodable image"
+              f"{'s' if len(self.bad_images) > 1 else ''} so far.")
+    return batch
+
+  def close(self) -> None:
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def _warn(line: str) -> None:
+  print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def _iterate(batches: grain.MapDataset, prefetch: int, worker_count: int) -> Iterator[Batch]:
@@ -145,22 +354,35 @@ def _iterate(batches: grain.MapDataset, prefetch: int, worker_count: int) -> Ite
       # parsed them, and then their defaults are what it means.
       flags.FLAGS.mark_as_parsed()
     # Grain slices the batches over the processes and interleaves them back in order, so the
-    # output does not depend on worker_count.
+    # output does not depend on worker_count. An error in a worker (a ValueError sentence) is
+    # raised again in this process, unchanged.
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(stream)
+
+
+def _open_for_reading(dataset: str, split: str, preprocess: str, field: str,
+                      data_dir: Optional[str], manual_dir: Optional[str],
+                      skip_bad_images: bool) -> tuple[tfds.core.DatasetBuilder, _SplitSource]:
+  """The checks every iterator makes before its first batch; the builder and source."""
+  preprocess_lib.check(preprocess, field)
+  builder, source = _open_split(dataset, split, data_dir, manual_dir)
+  _check_readable(builder, dataset, split, skip_bad_images)
+  return builder, source
 
 
 def train_iterator(*, dataset: str, split: str, preprocess: str, global_batch_size: int,
                    seed: int, start_step: int = 0, data_dir: Optional[str] = None,
                    manual_dir: Optional[str] = None, process_index: int = 0,
                    process_count: int = 1, worker_count: int = 0,
-                   prefetch: int = 2, cache: bool = False) -> Iterator[Batch]:
+                   prefetch: int = 2, cache: bool = False,
+                   skip_bad_images: bool = False) -> Batches:
   """Endless, shuffled, augmented local batches, step `start_step` first.
 
   Args:
     dataset: `config.dataset` (see `common_jax.data.builders`).
     split: e.g. "train" or "train[:90%]".
-    preprocess: op string, e.g. "decode|random_crop(32,pad=4)|flip_lr|value_range(-1,1)".
+    preprocess: op string (`config.preprocess_train`), e.g.
+      "decode|random_crop(32,pad=4)|flip_lr|value_range(-1,1)".
     global_batch_size: rows per step over all processes.
     seed: in [0, 2**32); fixes the order of every epoch and every random augmentation.
     start_step: first step to yield; batches are those an unbroken iterator yields from there.
@@ -171,8 +393,18 @@ def train_iterator(*, dataset: str, split: str, preprocess: str, global_batch_si
     prefetch: batches computed ahead, each by its own thread (0: computed on demand).
     cache: read the whole split into memory once (for small datasets such as the bundled
       digits, whose records then cost nothing to read again); the batches are the same.
+    skip_bad_images: False: an image that cannot be decoded stops the stream with one sentence
+      naming it (a ValueError, `BadImageError`); an image folder with files no reader recognises
+      is refused before the first batch. True: at a position whose example cannot be decoded, a
+      substitute is drawn from the split with `np.random.default_rng([seed, position, 1])`
+      until one decodes, and augmented with the position's own rng. The stream stays a pure
+      function of (seed, position), so resuming at step N still gives the unbroken run's
+      batches; an epoch then holds the substitutes in place of the bad images. Each bad image is
+      reported once per process by a `warning:` line on stderr with the running count, and
+      counted in the returned iterator's `bad_images`.
 
-  Yields:
+  Returns:
+    An iterator (`Batches`; `close()` ends its worker processes) of
     {"image": [local_batch, height, width, 3] float32 (in [-1, 1] after value_range(-1,1)),
      "label": [local_batch] int32}, local_batch = global_batch_size // process_count. The global
     batch at a step is the concatenation over process_index of the local batches.
@@ -182,57 +414,112 @@ def train_iterator(*, dataset: str, split: str, preprocess: str, global_batch_si
     raise ValueError(f"config.seed={seed} must be in [0, 2**32); change config.seed.")
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0 (the step restored, or 0).")
-  process = _example_fn(preprocess)
-  source = _data_source(dataset, split, data_dir, manual_dir)
+  builder, source = _open_for_reading(dataset, split, preprocess, TRAIN_FIELD, data_dir,
+                                      manual_dir, skip_bad_images)
+  reader = _Reader(source, dataset=dataset, split=split, preprocess=preprocess, field=TRAIN_FIELD)
+  _check_one_size(reader, builder)
   if cache:
-    source = [source[i] for i in range(len(source))]
+    reader.source = _CachedSource(source)
+  num_examples = len(source)
+
+  def example_at(position: int, index: int) -> Batch:
+    if not skip_bad_images:
+      return reader(index, np.random.default_rng([seed, position]))
+    bad, draws = [], None
+    for _ in range(_MAX_DRAWS):
+      try:
+        return {**reader(index, np.random.default_rng([seed, position])), _BAD: bad}
+      except BadImageError as error:
+        bad.append((error.where, error.reason))
+        if draws is None:
+          draws = np.random.default_rng([seed, position, 1])
+        index = int(draws.integers(num_examples))
+    raise ValueError(
+        f"{_MAX_DRAWS} examples drawn in a row from split {split!r} of config.dataset={dataset!r} "
+        f"cannot be decoded, {bad[0][0]} among them ({bad[0][1]}); most of the split is "
+        "unreadable, so repair the data rather than skip it.")
+
   # Grain seeds epoch e with shuffle_seed + e; mixing the seed first keeps seed 1's first epoch
-  # from being seed 0's second one.
+  # from being seed 0's second one. Shuffling the indices permutes exactly as shuffling the
+  # records would, and lets a failure name its example.
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-  stream = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
-  stream = stream.map_with_index(
-      lambda position, example: process(example, np.random.default_rng([seed, position])))
+  stream = grain.MapDataset.range(num_examples).shuffle(seed=shuffle_seed).repeat()
+  stream = stream.map_with_index(example_at)
   # Local batch j holds positions [j * local, (j + 1) * local), so global step s is local batches
   # s * process_count ... s * process_count + process_count - 1.
   first_batch = start_step * process_count + process_index
-  batches = stream.batch(local_batch_size, batch_fn=_stack_fn(preprocess))
+  batches = stream.batch(local_batch_size, batch_fn=_stack_fn(TRAIN_FIELD, preprocess))
   batches = batches[first_batch::process_count]
-  return _iterate(batches, prefetch, worker_count)
+  return Batches(_iterate(batches, prefetch, worker_count),
+                 skipping="another example of the split takes its place each time it comes up")
 
 
 def eval_iterator(*, dataset: str, split: str, preprocess: str, global_batch_size: int,
                   data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+                  process_index: int = 0, process_count: int = 1,
+                  skip_bad_images: bool = False) -> Batches:
   """One ordered pass over a split, zero-padded to whole global batches.
 
   Every process yields ceil(num_examples / global_batch_size) batches; summing `mask`-weighted
   metrics over all of them counts each example exactly once. Random ops, if any, get a fixed
-  per-position rng, so evaluation is repeatable.
+  per-position rng, so evaluation is repeatable. `preprocess` (`config.preprocess_eval`) must
+  give every image one size; a string that does not is refused before the first batch.
 
-  Yields:
-    {"image": [local_batch, height, width, 3] float32, "label": [local_batch] int32,
-     "mask": [local_batch] float32, 1 for a real example and 0 for a padding row (all zeros)}.
+  skip_bad_images: False: an image that cannot be decoded stops the pass with one sentence
+  naming it. True: its row becomes a padding row (mask 0), so the set evaluated is the split
+  less its undecodable images, and metrics average over fewer examples than the split holds;
+  each is reported once per process by a `warning:` line, and after the pass one `warning:`
+  line gives how many rows were left out.
+
+  Returns:
+    An iterator (`Batches`) of {"image": [local_batch, height, width, 3] float32,
+    "label": [local_batch] int32, "mask": [local_batch] float32, 1 for a real example and 0 for
+    a padding row (all zeros)}.
   """
   local_batch_size = _local_batch_size(global_batch_size, process_count)
-  process = _example_fn(preprocess)
-  source = _data_source(dataset, split, data_dir, manual_dir)
+  builder, source = _open_for_reading(dataset, split, preprocess, EVAL_FIELD, data_dir,
+                                      manual_dir, skip_bad_images)
+  reader = _Reader(source, dataset=dataset, split=split, preprocess=preprocess, field=EVAL_FIELD)
+  _check_one_size(reader, builder)
   num_examples = len(source)
   num_batches = -(-num_examples // global_batch_size)
-  # Padding rows copy the shape of a real one so that padded batches stack; eval preprocessing
-  # must therefore give every image the same shape (e.g. resize_small + central_crop).
-  first = process(source[0], np.random.default_rng([0, 0]))
+  # Padding rows copy the shape of a real one so that padded batches stack (the check above made
+  # sure the preprocessing gives one shape).
+  first = None
+  for index in range(num_examples):
+    try:
+      first = reader(index, np.random.default_rng([0, index]))
+      break
+    except BadImageError:
+      if not skip_bad_images:
+        raise
+  if first is None:
+    raise ValueError(f"no image of split {split!r} of config.dataset={dataset!r} can be "
+                     "decoded; repair the data.")
   padding = {**{key: np.zeros_like(value) for key, value in first.items()}, "mask": np.float32(0)}
+  if skip_bad_images:
+    padding[_BAD] = []
 
   def example_at(position: int) -> Batch:
     if position >= num_examples:
       return padding
-    example = process(source[position], np.random.default_rng([0, position]))
-    return {**example, "mask": np.float32(1)}
+    try:
+      example = reader(position, np.random.default_rng([0, position]))
+    except BadImageError as error:
+      if not skip_bad_images:
+        raise
+      return {**padding, _BAD: [(error.where, error.reason)]}
+    return {**example, "mask": np.float32(1), **({_BAD: []} if skip_bad_images else {})}
 
   positions = grain.MapDataset.range(num_batches * global_batch_size)
-  batches = positions.map(example_at).batch(local_batch_size, batch_fn=_stack_fn(preprocess))
+  batches = positions.map(example_at).batch(local_batch_size,
+                                            batch_fn=_stack_fn(EVAL_FIELD, preprocess))
   batches = batches[process_index::process_count]
-  return _iterate(batches, prefetch=2, worker_count=0)
+  return Batches(
+      _iterate(batches, prefetch=2, worker_count=0), skipping="it is left out of the evaluation",
+      summary=lambda count: (
+          f"{count} undecodable image{'s were' if count > 1 else ' was'} left out of this "
+          f"evaluation of split {split!r}, which covers the rest (config.skip_bad_images=True)."))
 
 
 def dataset_info(dataset: str, data_dir: Optional[str] = None,
@@ -242,6 +529,11 @@ def dataset_info(dataset: str, data_dir: Optional[str] = None,
   features = builder.info.features
   shape = tuple(features["image"].shape)
   fixed = len(shape) == 3 and all(isinstance(dim, int) for dim in shape)
+  reports = [builders.folder_report(builder, name) for name in builder.info.splits]
+  if all(reports):  # an image folder: the sizes its build found
+    sizes = {tuple(size[:2]) for report in reports for size in report["sizes"]}
+    if all(report["num_sizes"] == 1 for report in reports) and len(sizes) == 1:
+      shape, fixed = (*sizes.pop(), 3), True
   return DatasetInfo(
       name=dataset,
       num_classes=int(features["label"].num_classes),
@@ -250,6 +542,39 @@ def dataset_info(dataset: str, data_dir: Optional[str] = None,
 
 
 def check_dataset(dataset: str, split: str, data_dir: Optional[str] = None,
-                  manual_dir: Optional[str] = None) -> None:
-  """Raises the clear errors of a bad `config.dataset` or split now, before any compute."""
-  _data_source(dataset, split, data_dir, manual_dir)
+                  manual_dir: Optional[str] = None, *, split_field: str = "split",
+                  skip_bad_images: bool = False) -> None:
+  """Raises the clear errors of a bad `config.dataset` or split now, before any compute.
+
+  Builds our own datasets if needed. `split_field` ("config.train_split", "config.eval_split")
+  is the config field the split came from, named in the errors. Unless `skip_bad_images`, an
+  image folder whose split holds files no image reader recognises is refused (one sentence
+  naming the first, `BadImageError`).
+  """
+  builder, _ = _open_split(dataset, split, data_dir, manual_dir, split_field)
+  _check_readable(builder, dataset, split, skip_bad_images)
+
+
+def check_preprocess(spec: str, field: str, *, dataset: Optional[str] = None,
+                     split: Optional[str] = None, data_dir: Optional[str] = None,
+                     manual_dir: Optional[str] = None) -> None:
+  """Raises one sentence naming `field` for a preprocessing string that cannot work.
+
+  Without a dataset, the string alone: the syntax, known ops (`OPS`) and their arguments, and
+  `decode` first and once. With `dataset` and `split` as well (the split the string is for),
+  it is run on an image of each size an image folder's split holds, or on the first 8 examples
+  of another dataset: an op that fails there (a crop larger than the images), or images of
+  different sizes, which cannot be stacked into batches, are refused too. Images that cannot be
+  decoded are left to `check_dataset` and the iterators.
+
+  Args:
+    spec: the string, e.g. config.preprocess_train.
+    field: the config field it came from, "config.preprocess_train" or "config.preprocess_eval".
+    dataset, split, data_dir, manual_dir: as for `check_dataset` (call that first).
+  """
+  preprocess_lib.check(spec, field)
+  if dataset is None or split is None:
+    return
+  builder, source = _open_split(dataset, split, data_dir, manual_dir)
+  _check_one_size(_Reader(source, dataset=dataset, split=split, preprocess=spec, field=field),
+                  builder)
