@@ -96,6 +96,7 @@ class Run:
   rules: Tuple[Tuple[str, Any], ...]
   settings: Any  # the family's `settings` dataclass
   allow_config_change: bool = False  # a resumed run may change what alters its trajectory
+  device_memory_gb: float = 0.0  # plan: the memory of one device; 0 = what the device reports
   config_json: str = "{}"  # recorded as <workdir>/config.json by a fresh training run
   export: Optional[ExportRequest] = None
   initial_params: Optional[Callable[[Any], Any]] = None  # set by `Family.check`
@@ -263,6 +264,9 @@ class Family:
         raise ConfigError(f"config.{name}={value} must be positive.")
     self.model(run)
     if run.mode != "export":  # an export reads the workdir only: no data, any device count
+      if run.device_memory_gb < 0:
+        raise ConfigError(f"config.device_memory_gb={run.device_memory_gb} must be >= 0 (0: "
+                          "what the device reports).")
       train.check_loop(run.loop)
       optim.check(run.optimizer, run.loop.total_steps)
       mesh = sharding.make_mesh(run.mesh)
@@ -271,6 +275,7 @@ class Family:
         sharding.check_batch_size(run.loop.batch_size // run.loop.accum_steps, mesh,
                                   field="config.batch_size / config.accum_steps")
       sharding.check_batch_size(run.data.eval_batch_size, mesh, field="config.eval_batch_size")
+    if run.mode not in ("export", "plan"):  # plan from shapes alone: the data may not be there
       for split, field, spec, spec_field in (
           (run.data.train_split, "config.train_split", run.data.preprocess_train,
            "config.preprocess_train"),
@@ -281,6 +286,9 @@ class Family:
         data.check_preprocess(spec, spec_field, split=split, **run.data.source)
       if self.uses_labels(run):
         check_num_classes(run)
+    elif run.mode == "plan":
+      data.check_preprocess(run.data.preprocess_train, "config.preprocess_train")
+      data.check_preprocess(run.data.preprocess_eval, "config.preprocess_eval")
     self.check_settings(run)
     run.initial_params = self.initializer(run) if run.mode == "train" else None
     if run.mode in self.writing_modes:  # last: a run refused above leaves no workdir behind
@@ -355,13 +363,37 @@ class Family:
     return 0
 
   def plan(self, run: Run) -> int:
-    """One line: model size, mesh, steps, workdir; nothing is computed or written."""
-    model, mesh = self.model(run), sharding.make_mesh(run.mesh)
-    print(f"plan OK: {type(model).__name__} with "
-          f"{layers.count_params(self.abstract_params(run)):,} parameters; mesh "
-          f"{dict(mesh.shape)} over {jax.device_count()} devices; {run.loop.total_steps} steps "
-          f"of global batch {run.loop.batch_size}; workdir {run.workdir}{self.plan_note(run)}")
-    return 0
+    """What the run will cost per device, from shapes alone (see `common_jax.plan`): nothing is
+    allocated, read or written."""
+    from common_jax import plan as plan_lib  # pylint: disable=g-import-not-at-top
+    report, model = self.plan_report(run)
+    mesh = sharding.make_mesh(run.mesh)
+    print(f"plan OK: {type(model).__name__} with {report.parameters:,} parameters; mesh "
+          f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices; "
+          f"{run.loop.total_steps} steps of global batch {run.loop.batch_size}; workdir "
+          f"{run.workdir}{self.plan_note(run)}")
+    print(plan_lib.format_report(report))
+    return EXIT_DONE
+
+  def plan_report(self, run: Run):
+    """(`common_jax.plan.PlanReport`, model) of the run's train step, compiled from shapes."""
+    from common_jax import plan as plan_lib  # pylint: disable=g-import-not-at-top
+    trainer = train.Trainer(task=self.plan_task(run), mesh=sharding.make_mesh(run.mesh),
+                            rules=run.rules,
+                            tx=optim.make_optimizer(run.optimizer, run.loop.total_steps),
+                            accum_steps=run.loop.accum_steps)
+    return plan_lib.plan_step(trainer, run.loop.batch_size, self.flops_per_example(run),
+                              run.device_memory_gb), trainer.model
+
+  def plan_task(self, run: Run) -> task_lib.Task:
+    """The task `plan` compiles: `make_task`, or a stand-in of the same shapes where the task
+    needs a file that may not exist yet."""
+    return self.make_task(run)
+
+  def flops_per_example(self, run: Run) -> Optional[float]:
+    """Training FLOPs of one example by formula (`plan.transformer_flops_per_example`), or
+    None where the family has none."""
+    return None
 
 
 def register(family: Family) -> None:

@@ -51,6 +51,9 @@ def base() -> ml_collections.ConfigDict:
   # A resumed run refuses a config that changes its trajectory (optimiser, data, model, seed,
   # batch) unless this is True; total_steps may grow.
   config.allow_config_change = False
+  # --mode plan: memory of one accelerator in GiB to check the plan against (e.g. 80 for an
+  # H100, 16 for a TPU v5e core); 0 = what the device reports (nothing on CPU).
+  config.device_memory_gb = 0.0
   return config
 
 

@@ -11,6 +11,7 @@ Every run reads the palette of `palette_path(run)`; a training run fits it first
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Optional, Tuple
 
@@ -19,6 +20,8 @@ import numpy as np
 import igpt_jax
 from common_jax import checkpoint
 from common_jax import family
+from common_jax import plan
+from common_jax import trees
 from common_jax import weights
 from common_jax.task import Task
 from igpt_jax import models
@@ -113,6 +116,30 @@ class IgptFamily(family.Family):
     if run.task not in TASKS:
       return super().abstract_params(run)
     return models.abstract_variables(self.model(run))["params"]
+
+  def plan_task(self, run: family.Run) -> Task:
+    """The run's task; before the palette is fitted, one with a stand-in palette of the same
+    number of colours (only shapes matter to a plan)."""
+    if os.path.exists(palette_path(run)) or run.task not in TASKS:
+      return self.make_task(run)
+    stand_in = np.linspace(-1, 1, run.settings.palette_clusters * 3, dtype=np.float32)
+    objective, classifier = TASKS[run.task]
+    common = dict(variant=run.variant, image_size=run.image_size, model_options=run.model,
+                  mask_prob=run.settings.mask_prob)
+    palette = stand_in.reshape(-1, 3)
+    if classifier:
+      return tasks.FineTuneTask(palette, run.num_classes, objective=objective, **common)
+    return (tasks.BertTask if objective == "bert" else tasks.AutoregressiveTask)(palette, **common)
+
+  def flops_per_example(self, run: family.Run) -> float:
+    """6 * N * T + attention, N without the embeddings looked up per token (wte, wpe, sos) and
+    the classifier, T = image_size**2 positions."""
+    model = self.model(run)
+    flat = trees.flat_shapes(self.abstract_params(run))
+    per_token = sum(math.prod(shape) for key, shape in flat.items()
+                    if key.split("/")[0] not in ("wte", "wpe", "sos", "clf"))
+    return plan.transformer_flops_per_example(per_token, model.seq_len, model.depth,
+                                              model.width)
 
   def plan_note(self, run: family.Run) -> str:
     path = palette_path(run)

@@ -6,7 +6,11 @@ import dataclasses
 from typing import Any, Dict
 
 import vit_jax
+import math
+
 from common_jax import family
+from common_jax import plan
+from common_jax import trees
 from common_jax import weights
 from vit_jax import tasks
 
@@ -36,6 +40,16 @@ class VitFamily(family.Family):
     if "representation_size" in options:
       options["representation_size"] = options["representation_size"] or None
     return options
+
+  def flops_per_example(self, run: family.Run) -> float:
+    """6 * N * T + attention, N without the position embedding, class token and head (looked
+    up, not multiplied per token), T the tokens (patches, plus the class token)."""
+    model = self.model(run)
+    flat = trees.flat_shapes(self.abstract_params(run))
+    per_token = sum(math.prod(shape) for key, shape in flat.items()
+                    if not key.startswith(("cls", "head/")) and "pos_embedding" not in key)
+    tokens = (run.image_size // model.patch_size)**2 + (model.classifier == "token")
+    return plan.transformer_flops_per_example(per_token, tokens, model.depth, model.width)
 
   def initializer(self, run: family.Run):
     if not run.init_from:

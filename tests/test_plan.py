@@ -1,0 +1,39 @@
+"""--mode plan: per-device memory and FLOPs of a run's step, from shapes, without its data."""
+
+import pytest
+
+import run
+from configs import igpt_pretrain
+from configs import vit_pretrain
+
+
+def _fsdp(config, **overrides):
+  config.mesh.data, config.mesh.fsdp = 1, -1
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize("family_name, config", [
+    ("vit", lambda: _fsdp(vit_pretrain.get_config("B/16,imagenet2012"), image_size=64,
+                          batch_size=16)),
+    ("igpt", lambda: _fsdp(igpt_pretrain.get_config("S,imagenet32"), image_size=16,
+                           batch_size=16)),
+])
+def test_an_fsdp_plan_puts_an_eighth_of_the_state_on_each_device(family_name, config, tmp_path,
+                                                                 capsys):
+  config = config()
+  config.model.depth = 2  # compile time; the property is per layer
+  config.device_memory_gb = 0.001
+  family, prepared = run.prepare(config, str(tmp_path / "workdir"), "plan")  # no data is read
+  report, _ = family.plan_report(prepared)
+  assert report.devices == 8
+  for per_device, total in ((report.param_bytes_per_device, report.param_bytes_total),
+                            (report.opt_bytes_per_device, report.opt_bytes_total)):
+    assert abs(per_device - total / 8) <= 0.15 * total / 8, (family_name, per_device, total)
+  assert report.temp_bytes_per_device > 0 and report.fits is False
+  per_example = report.xla_flops_per_step / report.batch_size
+  assert 0.8 < per_example / report.formula_flops_per_example < 1.25
+  assert family.plan(prepared) == 0
+  printed = capsys.readouterr().out
+  assert "DOES NOT FIT" in printed and "(6*N*T + attention)" in printed
+  assert not (tmp_path / "workdir").exists()
