@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 import jax
 import numpy as np
 
+from common_jax import mfu
 from common_jax import train
 
 
@@ -82,9 +83,7 @@ def plan_step(trainer: train.Trainer, batch_size: int,
   opt_device, opt_total = _bytes(state.opt_state, trainer.state_shardings.opt_state)
   memory = compiled.memory_analysis()
   temp = int(memory.temp_size_in_bytes) if memory is not None else None
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost["flops"]) * trainer.mesh.size if cost and "flops" in cost else None
+  flops = mfu.step_flops(compiled, trainer.mesh.size)
   return PlanReport(
       parameters=sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params)),
       param_bytes_per_device=param_device, opt_bytes_per_device=opt_device,

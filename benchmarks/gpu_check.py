@@ -1,0 +1,117 @@
+r"""Accelerator check: MFU of ViT-B/16 and iGPT-S training and iGPT sampling speed, synthetic data.
+
+  bash benchmarks/gpu_check.sh            # on a GPU/TPU host: a few minutes
+  python benchmarks/gpu_check.py --dry    # tiny shapes, seconds, any machine (tested on CPU)
+
+Needs only jax, flax, optax, orbax-checkpoint and numpy (no tensorflow-datasets, ml-collections
+or Grain): the engine's model and step code import nothing else. Each row compiles the shared
+engine's sharded train step (`common_jax.train.Trainer`, data parallel over every device), times
+steady-state steps on a batch already on the devices, and divides XLA's FLOP count of the step
+by the time and by the devices' peak (`common_jax.mfu`).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common_jax import mfu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from common_jax import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from common_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from common_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _rows(dry: bool):
+  """(name, task factory, global batch) of the training rows."""
+  from vit_jax.tasks import ClassificationTask  # pylint: disable=g-import-not-at-top
+  from igpt_jax.tasks import AutoregressiveTask  # pylint: disable=g-import-not-at-top
+  on_gpu = jax.default_backend() == "gpu"
+  bf16 = dict(dtype=jnp.bfloat16)
+  palette = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)
+  if dry:
+    return [
+        ("ViT-Ti/16 32px (dry)", lambda: ClassificationTask(
+            "Ti/16", num_classes=10, image_size=32, model_options=dict(bf16, depth=2)), 8),
+        ("iGPT custom 8x8 (dry)", lambda: AutoregressiveTask(
+            palette, variant="custom", image_size=8,
+            model_options=dict(bf16, width=64, depth=2, num_heads=2)), 8),
+    ]
+  attention = dict(attention_implementation="cudnn") if on_gpu else {}
+  return [
+      ("ViT-B/16 224px bf16, dropout 0.1", lambda: ClassificationTask(
+          "B/16", num_classes=1000, image_size=224,
+          model_options=dict(bf16, dropout_rate=0.1, representation_size=768)), 256),
+      ("iGPT-S 1024 tokens bf16" + (", cuDNN attention" if on_gpu else ""),
+       lambda: AutoregressiveTask(palette, variant="S", image_size=32,
+                                  model_options=dict(bf16, **attention)), 64),
+  ]
+
+
+def _time_steps(trainer: train.Trainer, batch_size: int, steps: int):
+  """(steps/s, FLOPs per step) of `trainer.train_step` on one synthetic global batch."""
+  rng = np.random.default_rng(0)
+  local = {key: (rng.uniform(-1, 1, (batch_size,) + value.shape[1:]).astype(value.dtype)
+                 if value.dtype == np.float32 else
+                 rng.integers(0, 10, (batch_size,) + value.shape[1:]).astype(value.dtype))
+           for key, value in trainer.task.dummy_batch(1).items()}
+  with trainer.context():
+    state = trainer.init(jax.random.PRNGKey(0))
+    batch = sharding.global_batch(local, trainer.mesh)
+    compiled = trainer.train_step.lower(state, batch).compile()
+    flops = mfu.step_flops(compiled, trainer.mesh.size)
+    state, metrics = trainer.train_step(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    began = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = trainer.train_step(state, batch)
+    jax.block_until_ready(metrics)
+  return steps / (time.perf_counter() - began), flops
+
+
+def _sampling(dry: bool):
+  """(tokens/s, batch) of KV-cache sampling of whole images from an iGPT."""
+  import igpt_jax  # pylint: disable=g-import-not-at-top
+  options = dict(width=64, depth=2, num_heads=2) if dry else {}
+  model = igpt_jax.create_model("custom" if dry else "S", image_size=8 if dry else 32,
+                                num_clusters=512, dtype=jnp.bfloat16, **options)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0),
+                                  jnp.zeros((1, model.seq_len), jnp.int32))
+  batch = 8
+  sample = lambda key: igpt_jax.sample(model, variables, key, num_samples=batch)
+  jax.block_until_ready(sample(jax.random.PRNGKey(0)))  # compile
+  began = time.perf_counter()
+  jax.block_until_ready(sample(jax.random.PRNGKey(1)))
+  return batch * model.seq_len / (time.perf_counter() - began), batch
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--dry", action="store_true", help="tiny shapes, a few steps")
+  parser.add_argument("--steps", type=int, default=None, help="timed steps per row")
+  args = parser.parse_args()
+  steps = args.steps or (2 if args.dry else 20)
+  peak, source = mfu.device_peak()
+  devices = jax.device_count()
+  print(f"{devices} x {jax.devices()[0].device_kind} ({jax.default_backend()}); peak: {source}")
+  print(f"{'workload':<44}{'batch':>6}{'steps/s':>10}{'examples/s':>12}{'TFLOP/s':>10}"
+        f"{'MFU':>8}")
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
+  tx = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-4, weight_decay=0.1), 1000)
+  for name, make_task, batch_size in _rows(args.dry):
+    trainer = train.Trainer(task=make_task(), mesh=mesh, rules=sharding.DEFAULT_RULES, tx=tx)
+    rate, flops = _time_steps(trainer, batch_size, steps)
+    achieved = (flops or 0.0) * rate
+    utilisation = mfu.utilisation(flops, rate, devices, peak) if flops else float("nan")
+    print(f"{name:<44}{batch_size:>6}{rate:>10.2f}{rate * batch_size:>12.0f}"
+          f"{achieved / 1e12:>10.2f}{utilisation:>8.1%}", flush=True)
+  tokens_per_second, batch = _sampling(args.dry)
+  print(f"iGPT sampling (KV cache), batch {batch}: {tokens_per_second:,.0f} tokens/s")
+
+
+if __name__ == "__main__":
+  main()
