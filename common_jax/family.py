@@ -44,6 +44,7 @@ FAMILY_MODULES = ("vit_jax.family", "igpt_jax.family")
 EXIT_DONE = 0
 EXIT_BAD_INPUT = 2  # one `error:` sentence; nothing was computed or changed
 EXIT_DIVERGED = 3  # a non-finite loss or gradient norm; the last good checkpoint is kept
+EXIT_SAVE_FAILED = 74  # a checkpoint could not be written (disk full?); the previous one is kept
 EXIT_STOPPED = 75  # SIGTERM/SIGINT: a checkpoint was saved, run the same command again
 _REGISTERED: List["Family"] = []
 
@@ -111,13 +112,16 @@ class Run:
         worker_count=self.data.data_workers, cache=self.data.data_cache,
         skip_bad_images=self.data.skip_bad_images, **self.data.source)
 
-  def eval_data(self, split: Optional[str] = None):
-    """One pass over `split` (default: the eval split), padded rows marked by "mask"."""
+  def eval_data(self, split: Optional[str] = None, *, whole: bool = False):
+    """One pass over `split` (default: the eval split), padded rows marked by "mask": this
+    process's share of every batch, or with `whole` every example (for work one process does)."""
     from common_jax import data  # pylint: disable=g-import-not-at-top
     return data.eval_iterator(
         split=split or self.data.eval_split, preprocess=self.data.preprocess_eval,
-        global_batch_size=self.data.eval_batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), skip_bad_images=self.data.skip_bad_images,
+        global_batch_size=self.data.eval_batch_size,
+        process_index=0 if whole else jax.process_index(),
+        process_count=1 if whole else jax.process_count(),
+        skip_bad_images=self.data.skip_bad_images,
         **self.data.source)
 
 
@@ -250,6 +254,9 @@ class Family:
       except train.TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
+      except checkpoint.SaveFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_SAVE_FAILED
 
   def check(self, run: Run) -> None:
     """Every check that can fail before compute: the model, loop, optimiser, mesh and batch,

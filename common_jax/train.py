@@ -5,7 +5,9 @@ checkpoints. It imports no dataset code: data arrives through two factories of n
 
 import contextlib
 import dataclasses
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
@@ -49,7 +51,9 @@ class LoopConfig:
   checkpoint_every: int = 500  # 0: only at the end (and on SIGTERM/SIGINT)
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
-  on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: "stop" the run, or "skip"
+  # A non-finite loss or gradient norm: "stop" the run (TrainingDiverged), or "skip" the update
+  # (counted; costs one more pass over parameters and optimiser state per step).
+  on_nonfinite: str = "stop"
 
 
 def check_loop(config: LoopConfig) -> None:
@@ -70,29 +74,74 @@ def check_loop(config: LoopConfig) -> None:
                      f"{NONFINITE_ACTIONS}.")
 
 
-class StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+class TrainingDiverged(RuntimeError):
+  """The loss or gradient norm stopped being finite (config.on_nonfinite="stop"), or the
+  updated parameters did (always); nothing non-finite was saved."""
 
-  def __init__(self):
+
+# With several processes and no JAX preemption service, the stop flags are compared this often.
+AGREE_EVERY = 10
+# A non-finite step is noticed at the latest this many steps later when nothing else (a log, a
+# checkpoint) reads the step's flags earlier.
+CHECK_EVERY = 100
+
+
+class StopRequest:
+  """Turns SIGTERM/SIGINT into a stop the loop takes between steps: at the same step on every
+  process, so that all of them save the one checkpoint (a collective) and end together.
+
+  One process: a flag set by the signal handlers. Several processes: JAX's preemption sync point
+  (`multihost_utils.reached_preemption_sync_point`). `jax.distributed` installs its own SIGTERM
+  notifier, which tells every process through the coordination service; they agree on the step
+  after the furthest one. So SIGTERM is left to it, and SIGINT is passed on to it as a SIGTERM.
+  Asking costs a lock and a comparison per step. Without the preemption service, the processes
+  compare their flags every AGREE_EVERY steps (one small all-gather).
+  """
+
+  def __init__(self, start_step: int):
     self.signal_name: Optional[str] = None
     self._previous = {}
+    self._several = jax.process_count() > 1
+    self._synced = False
+    if self._several:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:  # also tells JAX the step we start at, which it compares every later step with
+        multihost_utils.reached_preemption_sync_point(start_step)
+        self._synced = True
+      except RuntimeError:  # jax_enable_preemption_service is off
+        pass
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
+        if not (self._synced and sig == signal.SIGTERM):
+          self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.signal_name = signal.Signals(signum).name
+    if self._synced:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier, which tells the other processes
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  @property
-  def requested(self) -> bool:
+  def requested(self, step: int) -> bool:
+    """Whether to stop after `step`; call it once after every step, with consecutive steps."""
+    if self._synced:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    if self._several:
+      return step % AGREE_EVERY == 0 and not checkpoint_lib.all_processes(
+          self.signal_name is None)
     return self.signal_name is not None
+
+  def describe(self) -> str:
+    if self._several:
+      return (f"a stop request ({self.signal_name or 'SIGTERM or SIGINT'} to one of the "
+              f"{jax.process_count()} processes)")
+    return self.signal_name or "a stop request"
 
 
 @dataclasses.dataclass
@@ -103,6 +152,10 @@ class Trainer:
   rules: Sequence[Tuple[str, Any]]
   tx: optax.GradientTransformation
   accum_steps: int = 1
+  #: A step whose loss or gradient norm is not finite: "stop" (the loop raises
+  #: TrainingDiverged) or "skip" (parameters and optimiser state stay as they were). Either way
+  #: the step's "nonfinite" metric is 1.
+  on_nonfinite: str = "stop"
 
   def __post_init__(self):
     self.model = self.task.model
@@ -120,6 +173,9 @@ class Trainer:
     self.eval_step = jax.jit(
         self._eval_step, in_shardings=(self.state_shardings.params, self._batch_sharding),
         out_shardings=self._replicated)
+    # Whether every parameter is finite: one pass over them, run where the loop checks.
+    self.params_finite = jax.jit(_all_finite, in_shardings=(self.state_shardings.params,),
+                                 out_shardings=self._replicated)
 
   @contextlib.contextmanager
   def context(self):
@@ -138,31 +194,45 @@ class Trainer:
   def _loss(self, params, batch, rng):
     return self.task.loss_and_metrics(params, batch, rng, True)
 
-  def _train_step(self, state: TrainState, batch) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  def _gradients(self, state: TrainState, batch) -> Tuple[jax.Array, Dict[str, jax.Array], Any]:
+    """(mean loss, metrics, gradients) of one global batch, over accum_steps microbatches."""
     rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
     if self.accum_steps == 1:
       (loss, metrics), grads = grad_fn(state.params, batch, rng)
-    else:
-      # Microbatch i takes rows i, i+k, i+2k, ...: each device keeps its own rows, no transfer.
-      k = self.accum_steps
-      micro = jax.tree_util.tree_map(
-          lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), batch)
+      return loss, metrics, grads
+    # Microbatch i takes rows i, i+k, i+2k, ...: each device keeps its own rows, no transfer.
+    k = self.accum_steps
+    micro = jax.tree_util.tree_map(
+        lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), batch)
 
-      def accumulate(carry, inputs):
-        index, microbatch = inputs
-        (loss, metrics), grads = grad_fn(state.params, microbatch, jax.random.fold_in(rng, index))
-        return jax.tree_util.tree_map(jnp.add, carry, (loss, metrics, grads)), None
+    def accumulate(carry, inputs):
+      index, microbatch = inputs
+      (loss, metrics), grads = grad_fn(state.params, microbatch, jax.random.fold_in(rng, index))
+      return jax.tree_util.tree_map(jnp.add, carry, (loss, metrics, grads)), None
 
-      zeros = jax.tree_util.tree_map(
-          jnp.zeros_like, jax.eval_shape(grad_fn, state.params,
-                                         jax.tree_util.tree_map(lambda x: x[0], micro), rng))
-      zeros = (zeros[0][0], zeros[0][1], zeros[1])
-      (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
-      loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / k, (loss, metrics, grads))
+    zeros = jax.tree_util.tree_map(
+        jnp.zeros_like, jax.eval_shape(grad_fn, state.params,
+                                       jax.tree_util.tree_map(lambda x: x[0], micro), rng))
+    zeros = (zeros[0][0], zeros[0][1], zeros[1])
+    (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+    return jax.tree_util.tree_map(lambda x: x / k, (loss, metrics, grads))
+
+  def _train_step(self, state: TrainState, batch) -> Tuple[TrainState, Dict[str, jax.Array]]:
+    loss, metrics, grads = self._gradients(state, batch)
+    grad_norm = optax.tree.norm(grads)
+    # Judged on the device from two scalars; the loop reads the flag where it reads metrics
+    # anyway (log, checkpoint) and never saves a state it has not checked: no host sync per step.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    if self.on_nonfinite == "skip":
+      # The flag is known before the update, so the select joins the optimiser's own pass.
+      params, opt_state = jax.tree_util.tree_map(
+          lambda new, old: jnp.where(finite, new, old),
+          (params, opt_state), (state.params, state.opt_state))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                   nonfinite=jnp.logical_not(finite).astype(jnp.int32))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -181,6 +251,13 @@ class Trainer:
     if not count:
       raise ValueError("the evaluation split yielded no examples; check config.eval_split.")
     return {key: value / count for key, value in totals.items()}
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """bool scalar: every element of every floating-point leaf is finite."""
+  checks = [jnp.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  return jnp.stack(checks).all() if checks else jnp.bool_(True)
 
 
 def train_and_evaluate(
@@ -217,91 +294,162 @@ def train_and_evaluate(
                                   field="config.batch_size / config.accum_steps")
   tx = optim.make_optimizer(optimizer, loop.total_steps)
   schedule = optim.make_schedule(optimizer, loop.total_steps)
-  trainer = Trainer(task=task, mesh=mesh, rules=rules, tx=tx, accum_steps=loop.accum_steps)
+  trainer = Trainer(task=task, mesh=mesh, rules=rules, tx=tx, accum_steps=loop.accum_steps,
+                    on_nonfinite=loop.on_nonfinite)
 
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=tensorboard)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=loop.keep_checkpoints,
-                                             asynchronous=loop.async_checkpoints)
-  with trainer.context():
-    state = trainer.init(jax.random.PRNGKey(loop.seed))
-  restored_step = checkpointer.latest_step()
-  if restored_step is not None:
-    state = checkpointer.restore(state, restored_step)
-    writer.print(f"resumed from {checkpointer.directory} at step {restored_step}")
-  elif initial_params is not None:
-    params = initial_params(jax.device_get(state.params))
-    params = jax.device_put(params, trainer.state_shardings.params)
-    # Re-initialise the optimiser state around the loaded parameters.
-    state = state.replace(params=params, opt_state=jax.device_put(
-        tx.init(params), trainer.state_shardings.opt_state))
-  step = int(jax.device_get(state.step))
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
-  writer.print(f"model {type(trainer.model).__name__}: {num_params:,} parameters; mesh "
-               f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-               f"devices; {loop.total_steps} steps of batch {loop.batch_size}")
+                                             asynchronous=loop.async_checkpoints,
+                                             say=metrics_lib.say)
+  writer = None
+  try:  # every way out waits for the save in flight (below: except and finally)
+    with trainer.context():
+      state = trainer.init(jax.random.PRNGKey(loop.seed))
+    state, restored_step = checkpointer.restore_newest_intact(state)
+    if restored_step is not None:
+      metrics_lib.say(f"resumed from {checkpointer.directory} at step {restored_step}")
+    elif initial_params is not None:
+      params = initial_params(jax.device_get(state.params))
+      params = jax.device_put(params, trainer.state_shardings.params)
+      # Re-initialise the optimiser state around the loaded parameters.
+      state = state.replace(params=params, opt_state=jax.device_put(
+          tx.init(params), trainer.state_shardings.opt_state))
+    step = int(jax.device_get(state.step))
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=tensorboard, start_step=step)
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+    writer.print(f"model {type(trainer.model).__name__}: {num_params:,} parameters; mesh "
+                 f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+                 f"devices; {loop.total_steps} steps of batch {loop.batch_size}")
 
-  def run_eval(at_step: int) -> Dict[str, float]:
-    began = time.perf_counter()
-    results = trainer.evaluate(state.params, eval_data())
-    writer.write(at_step, {f"eval/{k}": v for k, v in results.items()})
-    writer.print(f"eval at step {at_step}: " +
-                 ", ".join(f"{k} {v:.4f}" for k, v in results.items()) +
-                 f" ({time.perf_counter() - began:.1f}s)")
-    return results
+    def run_eval(at_step: int) -> Dict[str, float]:
+      began = time.perf_counter()
+      results = trainer.evaluate(state.params, eval_data())
+      writer.write(at_step, {f"eval/{k}": v for k, v in results.items()})
+      writer.print(f"eval at step {at_step}: " +
+                   ", ".join(f"{k} {v:.4f}" for k, v in results.items()) +
+                   f" ({time.perf_counter() - began:.1f}s)")
+      return results
 
-  progress = metrics_lib.Progress(loop.total_steps, loop.batch_size)
-  last_eval: Dict[str, float] = {}
-  pending = []
-  stopped = False
-  eval_seconds = 0.0
-  first_step_seconds = None
-  train_iter = train_data(step) if step < loop.total_steps else iter(())
-  with StopRequest() as stop, trainer.context():
-    while step < loop.total_steps:
-      local = next(train_iter)
-      step_began = time.perf_counter()
-      state, step_metrics = trainer.train_step(state, sharding_lib.global_batch(local, mesh))
-      pending.append(step_metrics)
-      step += 1
-      if first_step_seconds is None:
-        jax.block_until_ready(step_metrics)
-        first_step_seconds = time.perf_counter() - step_began  # compile + one step
-        progress.reset(step)
-      if loop.log_every and (step % loop.log_every == 0 or step == loop.total_steps):
-        averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                    for k in pending[0]}
-        pending = []
-        averaged["learning_rate"] = float(schedule(step - 1))
-        rates = progress.rates(step)
-        writer.write(step, {**{f"train/{k}": v for k, v in averaged.items()}, **rates})
-        shown = {k: averaged[k] for k in ("loss",) + tuple(
-            k for k in averaged if k not in ("loss", "grad_norm", "learning_rate"))}
-        writer.print(progress.line(step, shown, rates))
-      final = step == loop.total_steps
-      if loop.checkpoint_every and step % loop.checkpoint_every == 0 or final:
-        checkpointer.save(step, state, force=True)
-      if eval_data is not None and ((loop.eval_every and step % loop.eval_every == 0) or final):
-        began = time.perf_counter()
-        last_eval = run_eval(step)
-        eval_seconds += time.perf_counter() - began
-        progress.reset(step)
-      if stop.requested and not final:
-        checkpointer.save(step, state, force=True)
-        checkpointer.wait()
-        writer.print(f"{stop.signal_name} received: saved a checkpoint at step {step} in "
-                     f"{checkpointer.directory}; run the same command again to resume.")
-        stopped = True
-        break
-  if step >= loop.total_steps and not last_eval and eval_data is not None and not stopped:
-    last_eval = run_eval(step)  # resumed at the end: report the final numbers again
-  checkpointer.wait()
-  checkpointer.close()
+    unchecked = []  # (step, metrics) whose non-finite flag the host has not read yet
+    skipped = 0  # steps skipped (on_nonfinite="skip") since the last log
+
+    def check_finite() -> None:
+      """Reads the flags of the steps since the last check and stops at the first non-finite
+      one (or counts it, with "skip"); then checks the parameters themselves, which a finite
+      gradient with a learning rate of nan or inf makes non-finite. Called before every save:
+      nothing unchecked is saved."""
+      nonlocal skipped
+      flags = jax.device_get([metrics["nonfinite"] for _, metrics in unchecked])
+      bad = [(at, metrics) for (at, metrics), flag in zip(unchecked, flags) if flag]
+      unchecked.clear()
+      if bad and loop.on_nonfinite == "stop":
+        raise _diverged(bad[0][0], checkpointer.latest_step(), bad[0][1])
+      skipped += len(bad)
+      if not jax.device_get(trainer.params_finite(state.params)):
+        raise _diverged(step, checkpointer.latest_step())
+
+    several = jax.process_count() > 1
+    progress = metrics_lib.Progress(loop.total_steps, loop.batch_size)
+    last_eval: Dict[str, float] = {}
+    pending = []  # metrics since the last log
+    stopped = False
+    eval_seconds = 0.0
+    first_step_seconds = None
+    train_iter = train_data(step) if step < loop.total_steps else iter(())
+    # Signals are taken from here until the last save is on disk (one after the loop is only
+    # noted: the run is ending anyway).
+    with StopRequest(step) as stop, trainer.context():
+      while step < loop.total_steps:
+        local = next(train_iter)
+        step_began = time.perf_counter()
+        state, step_metrics = trainer.train_step(state, sharding_lib.global_batch(local, mesh))
+        step += 1
+        unchecked.append((step, step_metrics))
+        if loop.log_every:
+          pending.append(step_metrics)
+        if not several:
+          checkpointer.poll()  # a failed save stops the run now, not one checkpoint later
+        if first_step_seconds is None:
+          jax.block_until_ready(step_metrics)
+          first_step_seconds = time.perf_counter() - step_began  # compile + one step
+          progress.reset(step)
+        final = step == loop.total_steps
+        log_now = loop.log_every and (step % loop.log_every == 0 or final)
+        stop_now = stop.requested(step) and not final  # asked every step (a sync point)
+        save_now = (loop.checkpoint_every and step % loop.checkpoint_every == 0) or final
+        if log_now or save_now or stop_now or len(unchecked) >= CHECK_EVERY:
+          check_finite()
+        if log_now:
+          fetched = jax.device_get(pending)
+          pending = []
+          finite = [m for m in fetched if not m["nonfinite"]]  # skipped steps: no average
+          averaged = {k: float(np.mean([m[k] for m in finite]))
+                      for k in fetched[0] if k != "nonfinite" and finite}
+          if loop.on_nonfinite == "skip":
+            averaged["skipped_steps"], skipped = float(skipped), 0
+          averaged["learning_rate"] = float(schedule(step - 1))
+          rates = progress.rates(step)
+          writer.write(step, {**{f"train/{k}": v for k, v in averaged.items()}, **rates})
+          shown = {k: v for k, v in sorted(averaged.items(), key=lambda item: item[0] != "loss")
+                   if k not in ("grad_norm", "learning_rate")}
+          writer.print(progress.line(step, shown, rates))
+          if several and checkpoint_lib.all_processes(checkpointer.save_finished()):
+            checkpointer.wait()  # the processes learn of a failed save at the same step
+        if save_now or stop_now:
+          checkpointer.save(step, state, force=True)
+          writer.flush()
+        if eval_data is not None and ((loop.eval_every and step % loop.eval_every == 0)
+                                      or final):
+          began = time.perf_counter()
+          last_eval = run_eval(step)
+          eval_seconds += time.perf_counter() - began
+          progress.reset(step)
+        if stop_now:
+          checkpointer.wait()
+          writer.print(f"{stop.describe()} received: saved a checkpoint at step {step} in "
+                       f"{checkpointer.directory}; run the same command again to resume.")
+          stopped = True
+          break
+      if step >= loop.total_steps and not last_eval and eval_data is not None and not stopped:
+        last_eval = run_eval(step)  # resumed at the end: report the final numbers again
+      checkpointer.close()  # the last save is on disk, or SaveFailed
+  except BaseException:
+    _close_after_error(checkpointer)
+    raise
+  finally:
+    if writer is not None:
+      writer.close()
   total_seconds = time.perf_counter() - start_time
   if not stopped:
-    writer.print(f"done at step {step} in {metrics_lib.format_duration(total_seconds)} "
-                 f"(first step incl. compilation {first_step_seconds or 0:.1f}s, "
-                 f"evaluation {eval_seconds:.1f}s)")
-  writer.close()
+    metrics_lib.say(f"done at step {step} in {metrics_lib.format_duration(total_seconds)} "
+                    f"(first step incl. compilation {first_step_seconds or 0:.1f}s, "
+                    f"evaluation {eval_seconds:.1f}s)")
   return {"step": step, "stopped": stopped, "eval": last_eval, "params": state.params,
           "seconds": total_seconds, "first_step_seconds": first_step_seconds,
           "eval_seconds": eval_seconds}
+
+
+def _diverged(step: int, kept: Optional[int],
+              metrics: Optional[Dict[str, jax.Array]] = None) -> TrainingDiverged:
+  """The sentence for a non-finite loss (`metrics` of that step) or, without metrics, for
+  parameters found non-finite at `step` although every loss and gradient norm was finite."""
+  left = (f"the checkpoint at step {kept} is kept and nothing after it was saved"
+          if kept is not None else "nothing was saved")
+  if metrics is None:
+    what = ("the parameters are not finite although every loss and gradient norm was (an "
+            "update of nan or inf)")
+    fix = "check config.optimizer: a learning rate of nan or inf, or one that overflows"
+  else:
+    loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
+    what = f"the loss is {loss:.4g} and the gradient norm {grad_norm:.4g}"
+    fix = ("lower config.optimizer.learning_rate, or set config.on_nonfinite='skip' to skip such "
+           "steps")
+  return TrainingDiverged(f"training diverged at step {step}: {what}; {left} ({fix}).")
+
+
+def _close_after_error(checkpointer: checkpoint_lib.Checkpointer) -> None:
+  """Waits for the save in flight while another error ends the run; a failure of that save is
+  said, not raised over the error that is ending the run."""
+  try:
+    checkpointer.close()
+  except checkpoint_lib.SaveFailed as error:
+    metrics_lib.say(f"also: {error}", sys.stderr)

@@ -209,7 +209,7 @@ class IgptFamily(family.Family):
     if family.is_main_process():  # process 0 fits and writes it; the others read it afterwards
       settings = run.settings
       pixels_per_image = run.image_size**2
-      images, _ = _collect(run.eval_data(run.data.train_split),
+      images, _ = _collect(run.eval_data(run.data.train_split, whole=True),
                            limit=max(1, settings.palette_max_pixels // pixels_per_image))
       print(f"fitting a {settings.palette_clusters}-colour palette on "
             f"{len(images) * pixels_per_image:,} pixels of {run.data.dataset}:"

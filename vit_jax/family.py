@@ -3,7 +3,7 @@ official .npz, a timm .safetensors or another run's workdir in `config.init_from
 export mode (`--format npz` in the official layout, `--format safetensors` with timm names)."""
 
 import dataclasses
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import vit_jax
 import math
@@ -41,9 +41,11 @@ class VitFamily(family.Family):
       options["representation_size"] = options["representation_size"] or None
     return options
 
-  def flops_per_example(self, run: family.Run) -> float:
+  def flops_per_example(self, run: family.Run) -> Optional[float]:
     """6 * N * T + attention, N without the position embedding, class token and head (looked
     up, not multiplied per token), T the tokens (patches, plus the class token)."""
+    if run.task not in ("vit_classification",):  # a task added from outside: no formula
+      return None
     model = self.model(run)
     flat = trees.flat_shapes(self.abstract_params(run))
     per_token = sum(math.prod(shape) for key, shape in flat.items()
