@@ -292,7 +292,8 @@ class VisionTransformer(nn.Module):
     if not self.num_classes:
       return x
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=layers.param_with_axes(nn.initializers.zeros, (None, "classes")),
+                 # "embed": FSDP shards the head too (ViT-H/14's 21,843-class head is 28M).
+                 kernel_init=layers.param_with_axes(nn.initializers.zeros, ("embed", "classes")),
                  bias_init=layers.param_with_axes(nn.initializers.zeros, ("classes",)),
                  name="head")(x)
     return x.astype(jnp.float32)
