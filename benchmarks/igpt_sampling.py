@@ -1,21 +1,32 @@
-"""iGPT sampling speed: the KV-cache decoder against the no-cache reference, in one process.
+"""iGPT sampling speed: our KV-cache sampler against Hugging Face's generate and our no-cache
+decoder, all in one process, at several batch sizes.
 
-Both decoders sample a whole image (image_size**2 tokens, 1024 at 32x32) with the same model,
-parameters and rng; each is compiled first (compile time reported separately), then timed. The
-no-cache decoder recomputes the full forward pass for every position, so its cost grows with the
-square of the sequence length; the cache decoder runs one single-token step per position.
+Every decoder samples whole images (image_size**2 tokens, 1024 at 32x32) from the same model and
+parameters, not greedily, with the same temperature and top-k:
 
-  python benchmarks/igpt_sampling.py                      # width 128, 4 layers, 32x32, batch 1
-  python benchmarks/igpt_sampling.py --width 256 --depth 6 --num_heads 8 --batch 4 \
-      --no_cache_positions 32
+  * ours: `igpt_jax.sample`'s compiled decoder (KV cache, one compiled step per cache segment,
+    the loop in `lax.fori_loop`); compiled first, compile time reported in its own column;
+  * Hugging Face: `ImageGPTForCausalImageModeling.generate(use_cache=True, do_sample=True)` on
+    the same weights (exported with `igpt_jax.hf.to_hf`), from the start token, with
+    max_new_tokens = min_new_tokens = image_size**2 and no eos token, so it never stops early
+    (the output length is checked); run with torch on 1 and on 2 threads, and the faster is
+    the baseline (on 2 shared cores, 2 threads were 1.2x faster when the machine was idle and
+    up to 10x slower when other jobs kept both cores busy);
+  * no cache: `igpt_jax.sampling.sample_without_cache`, which runs a full forward pass per token:
+    timed on the last `--no_cache_positions` positions only (the rest is our sample, given as the
+    prompt), then scaled to the whole image (each of its steps costs the same); its tokens must
+    equal ours there (same rng), which the last column reports.
 
-Measured on 2 shared CPU cores (jax 0.10.2, CPU; timings vary with load): the default run takes
-under a minute; the cache decoder samples 1024 tokens in 0.33-0.47 s, the no-cache one in
-44-47 s, a 95-134x speed-up, with identical tokens. The second command gave 73x (extrapolated).
+HF (each thread count) and ours alternate for `--rounds` rounds per batch size; the table
+shows medians.
 
-With `--no_cache_positions N` the no-cache decoder samples only the last N positions (the rest is
-a prompt) and its full-image time is extrapolated as time * length / N; the output says so.
-Never part of the test run.
+  python benchmarks/igpt_sampling.py                        # width 256, 4 layers, 8 heads, 32x32
+  python benchmarks/igpt_sampling.py --batches 1,8 --rounds 5 --top_k 0
+
+Measured on 2 CPU cores shared with other jobs (timings move by +-30% with their load; ratios
+from one run are what to compare), jax 0.10.2, torch 2.14.1, transformers 5.24.0: see the
+issue's comment for the table; the default run takes about 15 minutes, most of it Hugging Face
+at batch 32. Never part of the test run.
 """
 
 import argparse
@@ -33,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import igpt_jax
+from igpt_jax import hf as igpt_hf
+from igpt_jax import hf_config
 from igpt_jax import sampling
 
 
@@ -48,82 +61,143 @@ def random_variables(model, seed=0):
       draw, nn.meta.unbox(igpt_jax.abstract_variables(model)))
 
 
-def compile_and_time(model, variables, rng, prompt, *, use_cache, top_k, repeats):
-  """-> (ids, compile seconds, list of run seconds)."""
+def compiled_decoder(model, variables, prompt, *, use_cache, top_k, temperature):
+  """-> (compile seconds, run() -> ids [batch, length] numpy int32)."""
   decoder = sampling.make_decoder(model, use_cache=use_cache, top_k=top_k)
-  temperature = jnp.float32(1.0)
+  rng, temperature = jax.random.PRNGKey(0), jnp.float32(temperature)
   start = time.perf_counter()
   compiled = decoder.lower(variables, rng, prompt, temperature).compile()
   compile_s = time.perf_counter() - start
-  runs = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    ids, _ = compiled(variables, rng, prompt, temperature)
-    ids = jax.block_until_ready(ids)
-    runs.append(time.perf_counter() - start)
-  return np.asarray(ids), compile_s, runs
+  return compile_s, lambda: np.asarray(compiled(variables, rng, prompt, temperature)[0])
+
+
+def hf_sampler(model, variables, torch, transformers, *, top_k, temperature):
+  """-> generate(batch, seed) -> ids [batch, length] numpy, Hugging Face on our weights."""
+  config = {k: v for k, v in hf_config.config_of(model).items()
+            if k not in ("architectures", "model_type")}
+  hf_model = transformers.ImageGPTForCausalImageModeling(transformers.ImageGPTConfig(**config))
+  state = {k: torch.from_numpy(v) for k, v in igpt_hf.to_hf(variables["params"]).items()}
+  hf_model.load_state_dict(state)
+  hf_model.eval()
+  length = model.seq_len
+  generation = transformers.GenerationConfig(
+      do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=1.0, num_beams=1,
+      max_new_tokens=length, min_new_tokens=length, eos_token_id=None,
+      # Only finished sequences are padded, and none finishes without an eos token.
+      pad_token_id=0, use_cache=True)
+
+  def generate(batch, seed):
+    torch.manual_seed(seed)
+    start = torch.full((batch, 1), model.num_clusters)  # the start token is the last id
+    with torch.no_grad():
+      out = hf_model.generate(input_ids=start, attention_mask=torch.ones_like(start),
+                              generation_config=generation)
+    if out.shape != (batch, length + 1):
+      raise RuntimeError(f"Hugging Face generated {tuple(out.shape)}, not {(batch, length + 1)}.")
+    return out[:, 1:].numpy()
+
+  return generate
+
+
+def timed(fn):
+  start = time.perf_counter()
+  result = fn()
+  return time.perf_counter() - start, result
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--width", type=int, default=128)
+  parser.add_argument("--width", type=int, default=256)
   parser.add_argument("--depth", type=int, default=4)
-  parser.add_argument("--num_heads", type=int, default=4)
+  parser.add_argument("--num_heads", type=int, default=8)
   parser.add_argument("--image_size", type=int, default=32)
   parser.add_argument("--num_clusters", type=int, default=512)
-  parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--top_k", type=int, default=None)
-  parser.add_argument("--repeats", type=int, default=3, help="timed runs of the cache decoder")
-  parser.add_argument("--no_cache_positions", type=int, default=0,
-                      help="0 = time the no-cache decoder on all positions (default); N > 0 = "
-                           "only the last N positions, extrapolated")
+  parser.add_argument("--batches", default="1,8,32")
+  parser.add_argument("--temperature", type=float, default=1.0)
+  parser.add_argument("--top_k", type=int, default=40, help="0 = sample from all clusters")
+  parser.add_argument("--rounds", type=int, default=3, help="alternating HF / ours runs")
+  parser.add_argument("--no_cache_positions", type=int, default=32,
+                      help="positions the no-cache decoder samples (0 = skip it)")
+  parser.add_argument("--torch_threads", default="1,2",
+                      help="thread counts Hugging Face runs with; the fastest is the baseline")
   args = parser.parse_args()
+
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  thread_counts = [int(t) for t in args.torch_threads.split(",")]
+  transformers.logging.set_verbosity_error()
 
   model = igpt_jax.create_model("custom", width=args.width, depth=args.depth,
                                 num_heads=args.num_heads, image_size=args.image_size,
                                 num_clusters=args.num_clusters)
   variables = random_variables(model)
   length = model.seq_len
-  rng = jax.random.PRNGKey(0)
-  no_prompt = jnp.zeros((args.batch, 0), jnp.int32)
-  print(f"iGPT sampling, {jax.devices()[0].platform} ({jax.device_count()} devices visible, "
-        f"one used), jax {jax.__version__}")
+  top_k = args.top_k or None
+  positions = args.no_cache_positions
+  if not 0 <= positions <= length:
+    raise ValueError(f"--no_cache_positions must be in [0, {length}].")
+  hf_generate = hf_sampler(model, variables, torch, transformers, top_k=top_k,
+                           temperature=args.temperature)
+  print(f"iGPT sampling on {jax.devices()[0].platform}: jax {jax.__version__} (default threads), "
+        f"torch {torch.__version__} ({args.torch_threads} threads), transformers "
+        f"{transformers.__version__}; load average {os.getloadavg()[0]:.1f} at the start")
   print(f"model: width {args.width}, depth {args.depth}, heads {args.num_heads}, "
         f"{args.num_clusters} clusters, {igpt_jax.models.layers.count_params(variables):,} "
-        f"parameters; {args.image_size}x{args.image_size} = {length} tokens, batch {args.batch}")
+        f"parameters; {args.image_size}x{args.image_size} = {length} tokens per image, "
+        f"temperature {args.temperature}, top_k {top_k}")
 
-  cache_ids, cache_compile, cache_runs = compile_and_time(
-      model, variables, rng, no_prompt, use_cache=True, top_k=args.top_k, repeats=args.repeats)
-  cache_s = statistics.median(cache_runs)
+  rows = []
+  for batch in [int(b) for b in args.batches.split(",")]:
+    compile_s, ours = compiled_decoder(model, variables, jnp.zeros((batch, 0), jnp.int32),
+                                       use_cache=True, top_k=top_k,
+                                       temperature=args.temperature)
+    ids = ours()  # warm-up
+    hf_generate(batch, seed=0)[:, :8]  # warm-up
+    hf_runs, our_runs = {threads: [] for threads in thread_counts}, []
+    for round_ in range(args.rounds):
+      for threads in thread_counts:
+        torch.set_num_threads(threads)
+        hf_runs[threads].append(timed(lambda: hf_generate(batch, seed=round_))[0])
+      our_runs.append(timed(ours)[0])
+    hf_medians = {threads: statistics.median(runs) for threads, runs in hf_runs.items()}
+    hf_threads = min(hf_medians, key=hf_medians.get)
+    row = dict(batch=batch, hf=hf_medians[hf_threads], hf_threads=hf_threads,
+               ours=statistics.median(our_runs), compile=compile_s)
+    if positions:
+      # The prompt is our own sample, so both decoders must draw the same last tokens.
+      prompt = jnp.asarray(ids[:, :length - positions])
+      _, reference = compiled_decoder(model, variables, prompt, use_cache=False, top_k=top_k,
+                                      temperature=args.temperature)
+      seconds, reference_ids = timed(reference)
+      row.update(no_cache=seconds * length / positions,
+                 identical=bool(np.array_equal(reference_ids, ids)))
+    rows.append(row)
+    hf_text = "; ".join(f"{threads} thread(s) {', '.join(f'{s:.2f}' for s in runs)}"
+                        for threads, runs in hf_runs.items())
+    print(f"batch {batch}: HF {hf_text} s; ours {', '.join(f'{s:.3f}' for s in our_runs)} s",
+          flush=True)
 
-  positions = args.no_cache_positions or length
-  if not 0 < positions <= length:
-    raise ValueError(f"--no_cache_positions must be in [0, {length}].")
-  # The prompt is the cache decoder's own sample, so a full run of both must agree token for token.
-  prompt = jnp.asarray(cache_ids[:, :length - positions])
-  ref_ids, ref_compile, ref_runs = compile_and_time(
-      model, variables, rng, prompt, use_cache=False, top_k=args.top_k, repeats=1)
-  ref_s = ref_runs[0] * length / positions
-  identical = bool(np.array_equal(ref_ids, cache_ids))
-
-  extrapolated = positions < length
-  rows = [
-      ("KV cache", cache_compile, cache_s, length),
-      ("no cache" + (" (extrapolated)" if extrapolated else ""), ref_compile, ref_s, length),
-  ]
   print()
-  print(f"{'decoder':<26}{'compile s':>10}{'sample s':>11}{'ms/token':>10}{'tokens/s':>11}")
-  for name, compile_s, run_s, tokens in rows:
-    print(f"{name:<26}{compile_s:>10.2f}{run_s:>11.3f}{1e3 * run_s / tokens:>10.3f}"
-          f"{args.batch * tokens / run_s:>11.1f}")
+  print(f"{'batch':>5} {'HF tokens/s':>12} {'threads':>7} {'ours tokens/s':>14} {'ours/HF':>8} "
+        f"{'compile s':>10} {'no-cache tokens/s':>18} {'ours/no-cache':>14} {'same tokens':>12}")
+  for row in rows:
+    tokens = row["batch"] * length
+    line = (f"{row['batch']:>5} {tokens / row['hf']:>12.1f} {row['hf_threads']:>7} "
+            f"{tokens / row['ours']:>14.1f} "
+            f"{row['hf'] / row['ours']:>7.2f}x {row['compile']:>10.2f}")
+    if "no_cache" in row:
+      line += (f" {tokens / row['no_cache']:>18.2f} {row['no_cache'] / row['ours']:>13.1f}x "
+               f"{'yes' if row['identical'] else 'NO':>12}")
+    print(line)
   print()
-  if extrapolated:
-    print(f"NOTE: the no-cache decoder was timed on the last {positions} of {length} positions "
-          f"({ref_runs[0]:.2f} s) and scaled by {length}/{positions}; each of its steps costs "
-          "the same (a full forward pass), so the scaling is linear.")
-  print(f"cache runs (s): {', '.join(f'{r:.3f}' for r in cache_runs)} (median used)")
-  print(f"tokens identical to the no-cache decoder: {'yes' if identical else 'NO'}")
-  print(f"speed-up of the KV cache: {ref_s / cache_s:.1f}x")
+  print(f"tokens/s = batch * {length} / median seconds per {length}-token sample of the batch "
+        f"({args.rounds} alternating rounds); HF: its faster torch thread count; compile s is "
+        "ours, excluded from tokens/s.")
+  if positions:
+    print(f"no-cache: timed on the last {positions} of {length} positions (the first "
+          f"{length - positions} are our sample as its prompt) and scaled by {length}/{positions}; "
+          "'same tokens' = its tokens equal ours there.")
+  print(f"load average {os.getloadavg()[0]:.1f} at the end (2 shared cores: expect +-30%).")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,15 @@ import dataclasses
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+
+from common_jax import trees
 
 OPTIMIZERS = ("adam", "sgd")
 DECAYS = ("cosine", "linear", "constant")
+MOMENT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +34,11 @@ class OptimizerConfig:
   b2: float = 0.999
   momentum: float = 0.9
   grad_clip_norm: Optional[float] = 1.0
+  # The dtype the first moment is kept in: Adam's mu (optax's `mu_dtype`), SGD's momentum trace
+  # (optax's `accumulator_dtype`). "bfloat16" halves that buffer; each update is still computed
+  # in the gradients' dtype and rounded when stored. optax has no such option for Adam's second
+  # moment (nu): it is kept in the parameters' dtype, float32 with float32 master weights.
+  moment_dtype: str = "float32"
 
 
 def check(config: OptimizerConfig, total_steps: int) -> None:
@@ -42,6 +52,9 @@ def check(config: OptimizerConfig, total_steps: int) -> None:
   if not 0 <= config.warmup_steps <= total_steps:
     raise ValueError(f"config.optimizer.warmup_steps={config.warmup_steps} must lie in "
                      f"[0, total steps = {total_steps}].")
+  if config.moment_dtype not in MOMENT_DTYPES:
+    raise ValueError(f"config.optimizer.moment_dtype={config.moment_dtype!r} is unknown; use one "
+                     f"of {', '.join(MOMENT_DTYPES)}.")
   if config.weight_decay and config.name != "adam":
     raise ValueError("config.optimizer.weight_decay is only supported with name='adam'; "
                      "set it to 0 for sgd.")
@@ -65,8 +78,16 @@ def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def _kernels_only(params: Any) -> Any:
-  # Decay matrices (kernels, embeddings), not biases, norms' scales or the class token.
-  return jax.tree_util.tree_map(lambda p: p.ndim > 1 and p.size > p.shape[-1], params)
+  # Decay matrices (kernels, embeddings), not biases, norms' scales or the class token. A block's
+  # parameter stacked by scan_layers is judged by its per-block shape, so that both layouts
+  # decay the same parameters.
+  def decayed(path, p) -> bool:
+    name = "/".join(str(getattr(key, "key", key)) for key in path)
+    shape = p.shape[1:] if any(name.startswith(stack + "/")
+                               for stack in trees.LAYER_STACKS) else p.shape
+    return len(shape) > 1 and shape[-1] < int(np.prod(shape))
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
@@ -76,9 +97,11 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
   parts = []
   if config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  moment_dtype = MOMENT_DTYPES[config.moment_dtype]
   if config.name == "adam":
-    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2,
+    parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, mu_dtype=moment_dtype,
                              weight_decay=config.weight_decay, mask=_kernels_only))
   else:
-    parts.append(optax.sgd(schedule, momentum=config.momentum))
+    parts.append(optax.sgd(schedule, momentum=config.momentum,
+                           accumulator_dtype=moment_dtype))
   return optax.chain(*parts)

@@ -29,6 +29,9 @@ DEFAULT_RULES: Tuple[Tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("kv", None),
     ("classes", None),
+    # The leading axis of scanned blocks' stacked parameters (scan_layers=True): every device
+    # holds every layer's share; the other axes follow their own rules.
+    ("layers", None),
     # Activations: the batch over data x fsdp, features whole except where tensor splits them.
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),

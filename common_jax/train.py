@@ -5,10 +5,7 @@ checkpoints. It imports no dataset code: data arrives through two factories of n
 
 import contextlib
 import dataclasses
-import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
@@ -23,6 +20,8 @@ from common_jax import checkpoint as checkpoint_lib
 from common_jax import metrics as metrics_lib
 from common_jax import optim
 from common_jax import sharding as sharding_lib
+from common_jax import stopping
+from common_jax.stopping import NONFINITE_ACTIONS, TrainingDiverged  # pylint: disable=unused-import
 from common_jax.task import Task
 
 LocalBatch = Dict[str, np.ndarray]
@@ -35,8 +34,6 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # uint32 [2]: base key; step keys are fold_in(rng, step)
 
-
-NONFINITE_ACTIONS = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,74 +71,9 @@ def check_loop(config: LoopConfig) -> None:
                      f"{NONFINITE_ACTIONS}.")
 
 
-class TrainingDiverged(RuntimeError):
-  """The loss or gradient norm stopped being finite (config.on_nonfinite="stop"), or the
-  updated parameters did (always); nothing non-finite was saved."""
-
-
-# With several processes and no JAX preemption service, the stop flags are compared this often.
-AGREE_EVERY = 10
 # A non-finite step is noticed at the latest this many steps later when nothing else (a log, a
 # checkpoint) reads the step's flags earlier.
 CHECK_EVERY = 100
-
-
-class StopRequest:
-  """Turns SIGTERM/SIGINT into a stop the loop takes between steps: at the same step on every
-  process, so that all of them save the one checkpoint (a collective) and end together.
-
-  One process: a flag set by the signal handlers. Several processes: JAX's preemption sync point
-  (`multihost_utils.reached_preemption_sync_point`). `jax.distributed` installs its own SIGTERM
-  notifier, which tells every process through the coordination service; they agree on the step
-  after the furthest one. So SIGTERM is left to it, and SIGINT is passed on to it as a SIGTERM.
-  Asking costs a lock and a comparison per step. Without the preemption service, the processes
-  compare their flags every AGREE_EVERY steps (one small all-gather).
-  """
-
-  def __init__(self, start_step: int):
-    self.signal_name: Optional[str] = None
-    self._previous = {}
-    self._several = jax.process_count() > 1
-    self._synced = False
-    if self._several:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      try:  # also tells JAX the step we start at, which it compares every later step with
-        multihost_utils.reached_preemption_sync_point(start_step)
-        self._synced = True
-      except RuntimeError:  # jax_enable_preemption_service is off
-        pass
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        if not (self._synced and sig == signal.SIGTERM):
-          self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.signal_name = signal.Signals(signum).name
-    if self._synced:
-      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier, which tells the other processes
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def requested(self, step: int) -> bool:
-    """Whether to stop after `step`; call it once after every step, with consecutive steps."""
-    if self._synced:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return multihost_utils.reached_preemption_sync_point(step)
-    if self._several:
-      return step % AGREE_EVERY == 0 and not checkpoint_lib.all_processes(
-          self.signal_name is None)
-    return self.signal_name is not None
-
-  def describe(self) -> str:
-    if self._several:
-      return (f"a stop request ({self.signal_name or 'SIGTERM or SIGINT'} to one of the "
-              f"{jax.process_count()} processes)")
-    return self.signal_name or "a stop request"
 
 
 @dataclasses.dataclass
@@ -174,7 +106,7 @@ class Trainer:
         self._eval_step, in_shardings=(self.state_shardings.params, self._batch_sharding),
         out_shardings=self._replicated)
     # Whether every parameter is finite: one pass over them, run where the loop checks.
-    self.params_finite = jax.jit(_all_finite, in_shardings=(self.state_shardings.params,),
+    self.params_finite = jax.jit(stopping.all_finite, in_shardings=(self.state_shardings.params,),
                                  out_shardings=self._replicated)
 
   @contextlib.contextmanager
@@ -251,13 +183,6 @@ class Trainer:
     if not count:
       raise ValueError("the evaluation split yielded no examples; check config.eval_split.")
     return {key: value / count for key, value in totals.items()}
-
-
-def _all_finite(tree: Any) -> jax.Array:
-  """bool scalar: every element of every floating-point leaf is finite."""
-  checks = [jnp.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
-  return jnp.stack(checks).all() if checks else jnp.bool_(True)
 
 
 def train_and_evaluate(
@@ -342,10 +267,10 @@ def train_and_evaluate(
       bad = [(at, metrics) for (at, metrics), flag in zip(unchecked, flags) if flag]
       unchecked.clear()
       if bad and loop.on_nonfinite == "stop":
-        raise _diverged(bad[0][0], checkpointer.latest_step(), bad[0][1])
+        raise stopping.diverged(bad[0][0], checkpointer.latest_step(), bad[0][1])
       skipped += len(bad)
       if not jax.device_get(trainer.params_finite(state.params)):
-        raise _diverged(step, checkpointer.latest_step())
+        raise stopping.diverged(step, checkpointer.latest_step())
 
     several = jax.process_count() > 1
     progress = metrics_lib.Progress(loop.total_steps, loop.batch_size)
@@ -357,7 +282,7 @@ def train_and_evaluate(
     train_iter = train_data(step) if step < loop.total_steps else iter(())
     # Signals are taken from here until the last save is on disk (one after the loop is only
     # noted: the run is ending anyway).
-    with StopRequest(step) as stop, trainer.context():
+    with stopping.StopRequest(step) as stop, trainer.context():
       while step < loop.total_steps:
         local = next(train_iter)
         step_began = time.perf_counter()
@@ -426,24 +351,6 @@ def train_and_evaluate(
   return {"step": step, "stopped": stopped, "eval": last_eval, "params": state.params,
           "seconds": total_seconds, "first_step_seconds": first_step_seconds,
           "eval_seconds": eval_seconds}
-
-
-def _diverged(step: int, kept: Optional[int],
-              metrics: Optional[Dict[str, jax.Array]] = None) -> TrainingDiverged:
-  """The sentence for a non-finite loss (`metrics` of that step) or, without metrics, for
-  parameters found non-finite at `step` although every loss and gradient norm was finite."""
-  left = (f"the checkpoint at step {kept} is kept and nothing after it was saved"
-          if kept is not None else "nothing was saved")
-  if metrics is None:
-    what = ("the parameters are not finite although every loss and gradient norm was (an "
-            "update of nan or inf)")
-    fix = "check config.optimizer: a learning rate of nan or inf, or one that overflows"
-  else:
-    loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
-    what = f"the loss is {loss:.4g} and the gradient norm {grad_norm:.4g}"
-    fix = ("lower config.optimizer.learning_rate, or set config.on_nonfinite='skip' to skip such "
-           "steps")
-  return TrainingDiverged(f"training diverged at step {step}: {what}; {left} ({fix}).")
 
 
 def _close_after_error(checkpointer: checkpoint_lib.Checkpointer) -> None:

@@ -8,7 +8,10 @@
   `read_safetensors`, `read_torch` (weights only), `read_tf_checkpoint` and `read_workdir` (the
   parameters of a training run's checkpoint, never its optimiser state) open one.
 
-What is read is then checked with `trees.check_names_and_shapes`, the one names-and-shapes check.
+`in_layout` presents stored tensors in the block layout of the model they are for (per-block
+`{prefix}_{i}/...` or scanned `{prefix}/...`, see `trees.stack_layers`), so the file's layout and
+the model's need not agree. What is read is then checked with `trees.check_names_and_shapes`, the
+one names-and-shapes check, which so sees the model's layout.
 Each external format is a small file of name mappings in its family (vit_jax/npz.py,
 vit_jax/timm.py, igpt_jax/hf.py, igpt_jax/openai.py) on top of these two modules.
 """
@@ -153,6 +156,50 @@ class Tensors:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def in_layout(tensors: Tensors, prefix: str, scanned: bool) -> Tensors:
+  """`tensors` under the names and shapes a model with `scan_layers=scanned` has: blocks stored
+  per block (`{prefix}_{i}/...`) are stacked for a scanned model, a stored stack
+  (`{prefix}/...` [depth, ...]) is split into blocks for a per-block one, and tensors already in
+  the model's layout come back as they are (the same object).
+
+  Shapes are converted now (raising one sentence when the blocks cannot be stacked); arrays are
+  read, stacked or sliced on demand, bit for bit.
+  """
+  names = list(tensors.shapes)
+  if scanned:
+    sources = trees.stack_layers({name: name for name in names}, prefix, stack=tuple,
+                                 origin=tensors.origin)
+    if set(sources) == set(names):  # no per-block names: nothing to stack
+      return tensors
+    shapes = trees.stack_shapes(tensors.shapes, prefix, origin=tensors.origin)
+
+    def read(key: str) -> np.ndarray:
+      source = sources[key]
+      if isinstance(source, tuple):
+        return np.stack([np.asarray(tensors.read(name)) for name in source])
+      return tensors.read(source)
+  else:
+    stacks = {name for name in names if name.startswith(prefix + "/")}
+    if not stacks:
+      return tensors
+    shapes = trees.unstack_shapes(tensors.shapes, prefix)
+    sources = trees.unstack_layers(
+        {name: name for name in names}, prefix,
+        unstack=lambda name: [(name, i) for i in range(tensors.shapes[name][0])])
+    cache = {}
+
+    def read(key: str) -> np.ndarray:
+      source = sources[key]
+      if isinstance(source, tuple):
+        name, i = source
+        if name not in cache:  # the stack is read once, not once per block
+          cache[name] = np.asarray(tensors.read(name))
+        return cache[name][i]
+      return tensors.read(source)
+
+  return Tensors(tensors.origin, shapes, read, tensors.close, tensors.step)
 
 
 def error_detail(error: BaseException) -> str:

@@ -28,7 +28,7 @@ RESUME_FREE_FIELDS = (
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
     "allow_config_change", "init_from", "data_dir", "manual_dir", "data_workers", "data_cache",
     "eval_split", "eval_batch_size", "preprocess_eval", "mesh", "sharding_rules",
-    "model.attention_implementation")
+    "model.attention_implementation", "model.remat_policy")
 
 
 def _alive(pid: int) -> bool:
@@ -110,10 +110,14 @@ def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
 
 def changed_fields(old: Dict[str, Any], new: Dict[str, Any],
                    free: Sequence[str]) -> Tuple[Dict[str, Tuple[Any, Any]], bool]:
-  """({field: (old, new)} of the changes that alter a resumed run, whether total_steps grew)."""
+  """({field: (old, new)} of the changes that alter a resumed run, whether total_steps grew).
+
+  A field only one of the two configs has is not a change: the run was started by a version of
+  the project without it (or with it, since removed), which behaved as its default does.
+  """
   old_flat, new_flat = _flat(old), _flat(new)
   changes = {}
-  for key in sorted(set(old_flat) | set(new_flat)):
+  for key in sorted(set(old_flat) & set(new_flat)):
     before, after = old_flat.get(key), new_flat.get(key)
     if before == after or any(key == f or key.startswith(f + ".") for f in free):
       continue

@@ -34,7 +34,8 @@ def get_config(arg: str = "ar") -> ml_collections.ConfigDict:
   config.task = OBJECTIVES[objective]
   config.model = ml_collections.ConfigDict(dict(
       variant="custom", width=256, depth=2, num_heads=8, mlp_dim=512, dropout_rate=0.1,
-      dtype="float32", attention_implementation=""))
+      dtype="float32", attention_implementation="",
+      scan_layers=False, remat_policy="none"))
   config.dataset = "sklearn_digits"
   config.num_classes = 10
   config.image_size = 8

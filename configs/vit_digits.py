@@ -21,7 +21,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       variant="custom", width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=2,
       classifier="gap", posemb="learn", representation_size=0, dropout_rate=0.1,
-      dtype="float32", gelu_approximate=True, attention_implementation=""))
+      dtype="float32", gelu_approximate=True, attention_implementation="",
+      scan_layers=False, remat_policy="none"))
   config.dataset = "sklearn_digits"
   config.num_classes = 10
   config.image_size = 8

@@ -35,7 +35,8 @@ def get_config(arg: str = "B/16,cifar10") -> ml_collections.ConfigDict:
   config = common.add_vit_fields(common.base())
   config.model = ml_collections.ConfigDict(dict(
       variant=variant, classifier="token", posemb="learn", representation_size=0,
-      dropout_rate=0.0, dtype="float32", gelu_approximate=True, attention_implementation=""))
+      dropout_rate=0.0, dtype="float32", gelu_approximate=True, attention_implementation="",
+      scan_layers=False, remat_policy="none"))
   config.dataset = dataset
   config.num_classes = classes
   config.train_split = train_split

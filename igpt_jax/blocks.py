@@ -3,10 +3,12 @@
 The norm divides by the RMS over features (no mean subtraction, gain `g` only, eps 1e-5); the
 activation is x * sigmoid(1.702 x); no biases anywhere; attention projections are
 [heads, head_dim, embed] parameters (OpenAI's conv1d layout). `igpt_jax.models.ImageGPT` stacks
-these blocks; its docstring lists every parameter with its initialisation.
+these blocks; its docstring lists every parameter with its initialisation. `BlockStack` is the
+same blocks as one scanned block (`scan_layers=True`).
 """
 
-from typing import Any, Optional, Tuple
+import functools
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -15,10 +17,19 @@ import jax.numpy as jnp
 from common_jax import layers
 
 Dtype = Any
-# Per layer (key, value), each [batch, length, heads, head_dim].
+# Per layer (key, value), each [batch * heads, positions, head_dim]: one row per (sample, head),
+# so that the cache update feeds the attention dots as it is (see `Attention.decode`).
 Cache = Tuple[Tuple[jax.Array, jax.Array], ...]
 
 NORM_EPSILON = 1e-5
+
+
+def to_cache_layout(x: jax.Array, positions: int) -> jax.Array:
+  """Keys or values [batch, length, heads, head_dim] -> the cache's [batch * heads, positions,
+  head_dim], zero at positions >= length."""
+  batch, length, heads, head_dim = x.shape
+  x = x.transpose(0, 2, 1, 3).reshape(batch * heads, length, head_dim)
+  return jnp.pad(x, ((0, 0), (0, positions - length), (0, 0)))
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -88,23 +99,35 @@ class Attention(nn.Module):
 
   def decode(self, x: jax.Array, cache: Tuple[jax.Array, jax.Array],
              index: jax.Array) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
-    """One position: x [batch, 1, embed] at position `index`; cache [batch, length, heads, kv].
+    """One position: x [batch, 1, embed] at position `index`; cache (key, value), each
+    [batch * heads, positions, head_dim] with index < positions (see `Cache`).
 
-    Writes this position's key and value into the cache and attends over positions <= index.
+    Writes this position's key and value into the cache and attends over positions <= index of
+    the `positions` it holds (the sampler grows it as it goes, so early steps read less of it).
     """
-    query, key, value = (self._project(x, w) for w in (self.q_proj, self.k_proj, self.v_proj))
-    cache_key = jax.lax.dynamic_update_slice(cache[0], key.astype(cache[0].dtype),
-                                             (0, index, 0, 0))
-    cache_value = jax.lax.dynamic_update_slice(cache[1], value.astype(cache[1].dtype),
-                                               (0, index, 0, 0))
+    batch = x.shape[0]
+    rows = batch * self.num_heads
+    query, key, value = (self._project(x, w).reshape(rows, self.head_dim)
+                         for w in (self.q_proj, self.k_proj, self.v_proj))
+    cache_key = jax.lax.dynamic_update_slice(cache[0], key[:, None].astype(cache[0].dtype),
+                                             (0, index, 0))
+    cache_value = jax.lax.dynamic_update_slice(cache[1], value[:, None].astype(cache[1].dtype),
+                                               (0, index, 0))
+    # The layout and these two dots decide the cost on CPU (HLO of the compiled step): with the
+    # cache as [batch, positions, heads, head_dim], or through jax.nn.dot_product_attention, XLA
+    # transposed every layer's whole key and value cache at every step to feed the dots; as
+    # [batch, heads, positions, head_dim] at batch 1 it dropped the unit batch axis between the
+    # update and the dots, duplicated the update and copied each key and value cache 4 times per
+    # step. With one row per (sample, head) and the dots below, it reads the updated cache in
+    # place (unless batch * heads == 1). Logits and softmax in float32, as in
+    # `layers.dot_product_attention`.
+    scores = jnp.einsum("rd,rpd->rp", query, cache_key, preferred_element_type=jnp.float32)
     visible = jnp.arange(cache_key.shape[1]) <= index
-    # One query against the whole pre-allocated cache, future positions masked out, on the plain
-    # XLA path (a flash kernel gains nothing for one query). On CPU XLA transposes the cache for
-    # this dot at every step; hand-written multiply-reduces avoid that and were 1.7x faster at
-    # batch 4, but 10x slower at batch 1, so the shared attention function stays.
-    y = layers.dot_product_attention(query, cache_key, cache_value,
-                                     mask=visible[None, None, None, :], implementation="xla")
-    return self._output(y), (cache_key, cache_value)
+    scores = jnp.where(visible, scores * jnp.float32(self.head_dim**-0.5), -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cache_value.dtype)
+    y = jnp.einsum("rp,rpd->rd", probs, cache_value).astype(self.dtype)
+    return self._output(y.reshape(batch, 1, self.num_heads, self.head_dim)), (cache_key,
+                                                                             cache_value)
 
 
 class Mlp(nn.Module):
@@ -160,7 +183,82 @@ class Block(nn.Module):
 
   def decode(self, x: jax.Array, cache: Tuple[jax.Array, jax.Array],
              index: jax.Array) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
-    """x: [batch, 1, embed] at position `index` -> (output [batch, 1, embed], updated cache)."""
+    """x: [batch, 1, embed] at position `index`, cache as in `Attention.decode` -> (output
+    [batch, 1, embed], updated cache)."""
     a, cache = self.attn.decode(self.ln_1(x), cache, index)
     x = x + a
     return x + self.mlp(self.ln_2(x)), cache
+
+
+class BlockStack(nn.Module):
+  """`depth` Blocks as one scanned Block (`scan_layers=True`): the parameters of the blocks are
+  stacked along a leading axis (logical name "layers") under this module's own name, e.g.
+  `h/attn/q_proj` [depth, heads, head_dim, embed] for the blocks' `h_{i}/attn/q_proj`.
+
+  Called, it runs all blocks as one `nn.scan` (one block compiled, `remat_policy` per block) and
+  returns the last block's output [batch, length, embed] (no keys and values).
+  Indexed or iterated (`stack[i]`, `stack[:k]`, `for block in stack`), it gives one view per
+  block that runs that block alone on its slice of the stacked parameters, with any of a
+  Block's entry points: `block(x)`, `block.decode(...)`, `block.ln_1(x)`. The passes that go
+  block by block (KV-cache prefill and decoding, probe features) use these views unchanged.
+  """
+  width: int
+  mlp_dim: int
+  num_heads: int
+  depth: int
+  causal: bool = True
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_implementation: Optional[str] = None
+  remat_policy: str = "none"
+
+  def _block_fields(self) -> Dict[str, Any]:
+    return dict(width=self.width, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                depth=self.depth, causal=self.causal, dropout_rate=self.dropout_rate,
+                dtype=self.dtype, param_dtype=self.param_dtype,
+                attention_implementation=self.attention_implementation)
+
+  def setup(self):
+    self.block = Block(**self._block_fields())
+    nn.share_scope(self, self.block)  # the stacked parameters sit under this module's name
+
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    """x: [batch, length, embed] -> the last block's output [batch, length, embed]."""
+    return layers.scan_blocks(self.block, x, deterministic, length=self.depth,
+                              remat_policy=self.remat_policy)
+
+  def apply_block(self, index: int, method: Any, *args: Any, **kwargs: Any) -> Any:
+    """`method(block, *args, **kwargs)` for block `index` alone, on its parameters' slice."""
+    params = jax.tree_util.tree_map(lambda p: p[index], nn.meta.unbox(self.variables["params"]))
+    rngs = {"dropout": self.make_rng("dropout")} if self.has_rng("dropout") else None
+    return Block(parent=None, **self._block_fields()).apply(
+        {"params": params}, *args, method=method, rngs=rngs, **kwargs)
+
+  @nn.nowrap
+  def __getitem__(self, index):
+    return [_BlockView(self, i) for i in range(self.depth)][index]
+
+  @nn.nowrap
+  def __iter__(self):
+    return iter(self[:])
+
+
+def _call_attribute(name: str, block: Block, *args: Any, **kwargs: Any) -> Any:
+  return getattr(block, name)(*args, **kwargs)
+
+
+class _BlockView:
+  """Block `index` of a BlockStack: called, or any attribute called, runs that block alone."""
+
+  def __init__(self, stack: BlockStack, index: int):
+    self._stack, self._index = stack, index
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    return self._stack.apply_block(self._index, Block.__call__, *args, **kwargs)
+
+  def __getattr__(self, name: str) -> Any:  # decode, ln_1, attn, ...
+    if name.startswith("_"):
+      raise AttributeError(name)
+    return functools.partial(self._stack.apply_block, self._index,
+                             functools.partial(_call_attribute, name))

@@ -155,7 +155,8 @@ def to_hf(params: Params) -> Flat:
   """Our params (an autoregressive model's) -> Hugging Face ImageGPT state dict.
 
   Args:
-    params: the params tree (nested or flat "/"-keys, boxed or not) of a causal ImageGPT.
+    params: the params tree (nested or flat "/"-keys, boxed or not) of a causal ImageGPT, with
+      or without scan_layers.
 
   Returns:
     {Hugging Face name: float32 contiguous numpy array}, Conv1D biases as zeros and `score.weight`
@@ -163,6 +164,7 @@ def to_hf(params: Params) -> Flat:
   """
   flat = {k: np.asarray(trees.to_host(v), np.float32)
           for k, v in trees.flatten(trees.params_of(params)).items()}
+  flat = trees.unstack_layers(flat, pretrained.BLOCKS)  # a scan_layers model's stacked blocks
   if "sos" not in flat:
     raise ValueError("the params have no `sos`: Hugging Face's ImageGPT is autoregressive, so "
                      "only causal=True models can be exported.")
@@ -236,7 +238,7 @@ def load_hf(directory: str, **model_options: Any
   Args:
     directory: the model directory.
     **model_options: other arguments of `igpt_jax.create_model` (dtype, param_dtype, dropout_rate,
-      attention_implementation); the shape comes from config.json.
+      attention_implementation, scan_layers, remat_policy); the shape comes from config.json.
 
   Returns:
     (model, {"params": numpy tree in param_dtype, float32 by default: bit-identical to the file's

@@ -27,6 +27,13 @@ parameter itself) and initialisation:
 Representations for linear probes are the mean over positions of the normalised input of a block
 (`features`); the same module offers a KV-cache prefill and a single-token decode step for
 `igpt_jax.sampling`.
+
+With `scan_layers=True` the blocks are one scanned block (`igpt_jax.blocks.BlockStack`): their
+parameters are stacked along a leading axis (logical name "layers") under `h/...` instead of
+`h_{i}/...`, e.g. `h/attn/q_proj` [depth, heads, head_dim, embed]; the weights layer converts
+between the two layouts (`common_jax.trees.stack_layers`). The training forward pass (`__call__`,
+`classify`) scans; `features`, `prefill` and `decode_step` run the blocks one by one on slices
+of the stacked parameters. `remat_policy` applies to the training forward pass only.
 """
 
 import dataclasses
@@ -37,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from common_jax import layers
-from igpt_jax.blocks import Block, Cache, RMSNorm
+from igpt_jax.blocks import Block, BlockStack, Cache, RMSNorm, to_cache_layout
 
 Dtype = Any
 # The paper's models (Table 1 / OpenAI's README). XL's head count is not published; 16 is ours.
@@ -69,6 +76,8 @@ class ImageGPT(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_implementation: Optional[str] = None
+  scan_layers: bool = False
+  remat_policy: str = "none"
 
   @property
   def seq_len(self) -> int:
@@ -88,13 +97,14 @@ class ImageGPT(nn.Module):
     self.wpe = param("wpe", normal(0.01), (self.seq_len, self.width), (None, "embed"))
     if self.causal:
       self.sos = param("sos", normal(0.02), (self.width,), ("embed",))
-    self.h = [
-        Block(width=self.width, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-              depth=self.depth, causal=self.causal, dropout_rate=self.dropout_rate,
-              dtype=self.dtype, param_dtype=self.param_dtype,
-              attention_implementation=self.attention_implementation)
-        for _ in range(self.depth)
-    ]
+    block = dict(width=self.width, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                 depth=self.depth, causal=self.causal, dropout_rate=self.dropout_rate,
+                 dtype=self.dtype, param_dtype=self.param_dtype,
+                 attention_implementation=self.attention_implementation)
+    if self.scan_layers:  # one module `h`; indexing or iterating it gives per-block views
+      self.h = BlockStack(remat_policy=self.remat_policy, **block)
+    else:
+      self.h = [Block(**block) for _ in range(self.depth)]
     self.ln_f = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype)
     self.wtet = param("wtet", nn.initializers.zeros, (self.num_clusters, self.width),
                       ("vocab", "embed"))
@@ -145,8 +155,11 @@ class ImageGPT(nn.Module):
 
   def _trunk(self, ids, masked, train) -> jax.Array:
     h = self._embed(ids, masked, deterministic=not train)
-    for block in self.h:
-      h, _ = block(h, deterministic=not train)
+    if self.scan_layers:
+      h = self.h(h, deterministic=not train)
+    else:
+      for block in self.h:
+        h = layers.call_block(block, h, not train, remat_policy=self.remat_policy)
     return self.ln_f(h)
 
   def check_layer(self, layer: int) -> None:
@@ -182,7 +195,8 @@ class ImageGPT(nn.Module):
     """Linear-probe representations of several layers in one forward pass.
 
     Layer l < depth is block l's normalised input, ln_1(h_l); layer `depth` is ln_f's output.
-    Each is averaged over positions. Blocks above the highest requested layer are not run.
+    Each is averaged over positions. Blocks above the highest requested layer are not run (with
+    scan_layers too: the blocks then run one by one on slices of the stacked parameters).
 
     Args:
       ids: [batch, length] int cluster ids.
@@ -223,18 +237,27 @@ class ImageGPT(nn.Module):
     class_logits = pooled @ self.clf.astype(jnp.float32).T
     return self._logits(h), class_logits
 
-  def prefill(self, prompt: jax.Array) -> Cache:
+  def prefill(self, prompt: jax.Array, positions: Optional[int] = None) -> Cache:
     """Keys and values of a prompt in one causal forward pass (autoregressive models).
 
     Args:
       prompt: [batch, prompt_len] int ids of the first prompt_len pixels (prompt_len may be 0).
+      positions: cache size, prompt_len <= positions <= image_size**2 (None = image_size**2).
+        `decode_step` attends over all of it (unfilled positions masked), so a sampler that
+        starts small and grows it (`igpt_jax.sampling`) reads less per step.
 
     Returns:
-      per layer (key, value), each [batch, image_size**2, heads, head_dim] in `dtype`, filled at
-      positions < prompt_len and zero elsewhere: the pre-allocated cache for `decode_step`.
+      per layer (key, value), each [batch * heads, positions, head_dim] in `dtype` (row
+      b * heads + n is sample b's head n; see `igpt_jax.blocks.Cache`), filled at positions <
+      prompt_len and zero elsewhere: the pre-allocated cache for `decode_step`.
     """
     batch, prompt_len = prompt.shape
-    shape = (batch, self.seq_len, self.num_heads, self.head_dim)
+    positions = self.seq_len if positions is None else positions
+    if not prompt_len <= positions <= self.seq_len:
+      raise ValueError(f"a cache of {positions} positions cannot hold a prompt of {prompt_len} "
+                       f"tokens in a model of {self.seq_len}; pass prompt_len <= positions <= "
+                       f"{self.seq_len}.")
+    shape = (batch * self.num_heads, positions, self.head_dim)
     if prompt_len == 0:
       return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
                    for _ in range(self.depth))
@@ -242,10 +265,9 @@ class ImageGPT(nn.Module):
     # the cache needs (the next position's input, x_{prompt_len-1}, is fed by decode_step).
     h = self._embed(prompt, None, deterministic=True)
     cache = []
-    pad = ((0, 0), (0, self.seq_len - prompt_len), (0, 0), (0, 0))
     for block in self.h:
       h, (key, value) = block(h)
-      cache.append((jnp.pad(key.astype(self.dtype), pad), jnp.pad(value.astype(self.dtype), pad)))
+      cache.append(tuple(to_cache_layout(x.astype(self.dtype), positions) for x in (key, value)))
     return tuple(cache)
 
   def decode_step(self, previous: jax.Array, index: jax.Array,
@@ -256,7 +278,8 @@ class ImageGPT(nn.Module):
       previous: [batch] int, the token at position index - 1 (ignored at index 0, where the input
         is `sos`).
       index: scalar int32, the position to predict.
-      cache: from `prefill` or a previous step; positions < index are filled.
+      cache: from `prefill` or a previous step, more than `index` positions; positions < index
+        are filled.
 
     Returns:
       (logits [batch, num_clusters] float32 for token `index`, cache with position `index` added).
@@ -318,8 +341,8 @@ def resolve_spec(variant: str, **overrides: Any) -> ModelSpec:
 def create_model(variant: str = "S", *, image_size: int = 32, num_clusters: int = 512,
                  num_classes: int = 0, causal: bool = True, dropout_rate: float = 0.0,
                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                 attention_implementation: Optional[str] = None,
-                 **shape_overrides: Any) -> ImageGPT:
+                 attention_implementation: Optional[str] = None, scan_layers: bool = False,
+                 remat_policy: str = "none", **shape_overrides: Any) -> ImageGPT:
   """Builds an iGPT by variant name ("S", "M", "L", "XL") or "custom" with explicit shape.
 
   Args:
@@ -332,7 +355,12 @@ def create_model(variant: str = "S", *, image_size: int = 32, num_clusters: int 
     dropout_rate: on embeddings and residual branches (OpenAI used none).
     dtype, param_dtype: computation and parameter dtypes; logits are always float32.
     attention_implementation: None, "xla" or "cudnn" (flash attention on NVIDIA GPUs).
+    scan_layers: one block compiled once and run `depth` times (`nn.scan`), parameters stacked
+      [depth, ...] under `h` (see the module docstring); the outputs do not change.
+    remat_policy: "none", "dots_saveable" or "full": what each block keeps for the backward pass
+      (`common_jax.layers.REMAT_POLICIES`); the rest is recomputed. The outputs do not change.
   """
+  layers.check_remat_policy(remat_policy)
   spec = resolve_spec(variant, **shape_overrides)
   if image_size < 1 or num_clusters < 1 or num_classes < 0:
     raise ValueError(f"iGPT needs image_size >= 1, num_clusters >= 1 and num_classes >= 0, got "
@@ -346,7 +374,8 @@ def create_model(variant: str = "S", *, image_size: int = 32, num_clusters: int 
       num_clusters=num_clusters, image_size=image_size, width=spec.width, depth=spec.depth,
       num_heads=spec.num_heads, mlp_dim=spec.mlp_dim, num_classes=num_classes, causal=causal,
       dropout_rate=dropout_rate, dtype=dtype, param_dtype=param_dtype,
-      attention_implementation=attention_implementation)
+      attention_implementation=attention_implementation, scan_layers=bool(scan_layers),
+      remat_policy=remat_policy)
 
 
 def abstract_variables(model: ImageGPT, batch_size: int = 1) -> Any:

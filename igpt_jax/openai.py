@@ -102,7 +102,9 @@ def _load_openai_source(source: weights.Tensors, variant: Optional[str], image_s
       # OpenAI's BERT models have no start-of-image vector.
       causal="model/sos" in source.shapes, **inferred, **options)
 
-  target = trees.flat_shapes(models.abstract_variables(model)["params"])
+  # Per block, as OpenAI stores them (cast_params stacks them for a scan_layers model).
+  target = trees.unstack_shapes(trees.flat_shapes(models.abstract_variables(model)["params"]),
+                                pretrained.BLOCKS)
   # The check runs under OpenAI's names: ours -> the checkpoint's name for it.
   names = {key: _find(source, key) or _openai_candidates(key)[0] for key in target}
   expected = {names[key]: shape for key, shape in target.items()}
@@ -165,7 +167,8 @@ def load_openai(checkpoint_prefix: str, variant: Optional[str] = None, *,
       the same way.
     image_size: optional; read from `model/wpe` (image_size**2 rows) and checked when given.
     clusters_path: OpenAI's `kmeans_centers.npy` (or any palette .npy); None returns no clusters.
-    **model_options: dtype, param_dtype, dropout_rate, attention_implementation.
+    **model_options: dtype, param_dtype, dropout_rate, attention_implementation, scan_layers,
+      remat_policy.
 
   Returns:
     (model, {"params": numpy tree in param_dtype}, clusters [num_clusters, 3] float32 or None).

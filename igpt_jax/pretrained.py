@@ -6,7 +6,9 @@
 
 The formats (igpt_jax.hf: Hugging Face ImageGPT, igpt_jax.openai: OpenAI's checkpoints) and
 workdirs all arrive at our parameter names (OpenAI's), and use the helpers here to check them,
-cast them and build the model they describe.
+cast them and build the model they describe. Formats hold the blocks per block (`h_{i}/...`); a
+scan_layers=True model stacks them (`h/...` [depth, ...]): `cast_params` and the workdir readers
+give every model its own layout, whichever layout the weights were stored in.
 """
 
 import math
@@ -26,14 +28,22 @@ Flat = Dict[str, np.ndarray]
 # The forward pass (embeddings, blocks 0..n, final norm, heads), whatever the naming scheme: ours,
 # OpenAI's (`model/h3/...`) or Hugging Face's (`transformer.h.3....`).
 ORDER = trees.forward_order(
-    r"(?:^|/|\.)h[._]?(\d+)[./]", early=("wte|sos|wpe",),
+    r"(?:^|/|\.)h(?:[._]?(\d+))?[./]", early=("wte|sos|wpe",),
     late=(r"ln_f|(wtet|lm_head\.weight|clf|clf/w|score\.weight)$",))
 # What a fine-tuning run's model may have that its pre-training run's checkpoint lacks.
 _NEW_HEAD = "clf"
+# The blocks: `h_{i}/...`, or stacked under `h/...` in a scan_layers=True model.
+BLOCKS = "h"
+
+
+def in_model_layout(tensors: weights.Tensors, model: models.ImageGPT) -> weights.Tensors:
+  """Stored tensors under the block layout of `model` (per block, or stacked for scan_layers)."""
+  return weights.in_layout(tensors, BLOCKS, model.scan_layers)
 
 
 def model_params(model: models.ImageGPT, variables: Any, origin: str, fix: str) -> Flat:
-  """The model's parameters from `variables` as host float32 arrays, checked name by name.
+  """The model's parameters from `variables` (in the model's block layout) as host float32
+  arrays in the per-block layout of the formats, checked name by name.
 
   Raises ValueError naming the first parameter that is missing, extra, misshapen or not a float.
   """
@@ -41,14 +51,17 @@ def model_params(model: models.ImageGPT, variables: Any, origin: str, fix: str) 
   trees.check_names_and_shapes(
       trees.flat_shapes(params), trees.flat_shapes(models.abstract_variables(model)["params"]),
       origin, fix=fix, order=ORDER)
-  return trees.host_float32(params, origin, fix)
+  flat = trees.unstack_layers(trees.host_float32(params, origin, fix), BLOCKS)
+  return {key: np.ascontiguousarray(value) for key, value in flat.items()}
 
 
 def read_checkpoint_params(workdir: str, model: models.ImageGPT, step: Optional[int] = None
                            ) -> Params:
-  """The params of a workdir's checkpoint (latest, or `step`) as numpy, unchanged; names and
-  shapes are checked against `model` from the checkpoint's metadata before any array is read."""
-  with weights.read_workdir(workdir, step) as tensors:
+  """The params of a workdir's checkpoint (latest, or `step`) as numpy, unchanged but for the
+  block layout, which becomes `model`'s; names and shapes are checked against `model` from the
+  checkpoint's metadata before any array is read."""
+  with weights.read_workdir(workdir, step) as stored:
+    tensors = in_model_layout(stored, model)  # a run of the other block layout too
     trees.check_names_and_shapes(
         tensors.shapes, trees.flat_shapes(models.abstract_variables(model)["params"]),
         tensors.origin, fix="build the model with the config the run was trained with",
@@ -60,7 +73,8 @@ def pretrained_initializer(workdir: str, model: models.ImageGPT) -> Callable[[Pa
   """`train_and_evaluate(initial_params=...)` hook for fine-tuning from a pre-training run.
 
   Args:
-    workdir: the workdir of an iGPT pre-training run (the params of its latest checkpoint).
+    workdir: the workdir of an iGPT pre-training run (the params of its latest checkpoint; the
+      run may have had scan_layers or not, whatever `model` has).
     model: the model about to be trained. Only its classifier head (`clf`) may be new: every
       other parameter must be in the checkpoint with the same shape, and the checkpoint may hold
       nothing the model lacks.
@@ -74,13 +88,15 @@ def pretrained_initializer(workdir: str, model: models.ImageGPT) -> Callable[[Pa
     parameter it replaces, and the fresh `clf`. The arrays are read when it is called.
   """
   workdir = os.fspath(workdir)
-  with weights.read_workdir(workdir) as tensors:
-    _check_initial(tensors, trees.flat_shapes(models.abstract_variables(model)["params"]))
-    step = tensors.step  # the checkpoint checked is the one read
+  with weights.read_workdir(workdir) as stored:
+    _check_initial(in_model_layout(stored, model),
+                   trees.flat_shapes(models.abstract_variables(model)["params"]))
+    step = stored.step  # the checkpoint checked is the one read
 
   def initialize(params: Params) -> Params:
     flat = trees.flatten(params)
-    with weights.read_workdir(workdir, step) as tensors:
+    with weights.read_workdir(workdir, step) as stored:
+      tensors = in_model_layout(stored, model)
       _check_initial(tensors, trees.flat_shapes(flat))
       for key in tensors.shapes:
         flat[key] = np.asarray(tensors.read(key)).astype(flat[key].dtype)
@@ -97,8 +113,10 @@ def _check_initial(tensors: weights.Tensors, target: Dict[str, Any]) -> None:
 
 
 def cast_params(flat: Flat, model: models.ImageGPT) -> Dict[str, Params]:
-  """Flat float arrays -> {"params": numpy tree} in the model's param_dtype."""
+  """Flat float arrays (either block layout) -> {"params": numpy tree} in the model's
+  param_dtype and block layout."""
   dtype = jnp.dtype(model.param_dtype)
+  flat = trees.in_layout(flat, BLOCKS, model.scan_layers)
   return {"params": trees.unflatten({k: np.asarray(v).astype(dtype) for k, v in flat.items()})}
 
 
@@ -107,7 +125,8 @@ def model_options(options: Dict[str, Any], derived: Sequence[str], origin: str) 
   clash = sorted(set(options) & set(derived))
   if clash:
     raise ValueError(f"{clash} come from {origin} and cannot be passed as model options; pass "
-                     "only dtype, param_dtype, dropout_rate or attention_implementation.")
+                     "only dtype, param_dtype, dropout_rate, attention_implementation, "
+                     "scan_layers or remat_policy.")
   return dict(options)
 
 

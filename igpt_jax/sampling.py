@@ -1,9 +1,13 @@
 """Pixel-by-pixel sampling from an autoregressive iGPT, with a KV cache, and sample grids.
 
 `sample` is the decoder to use: one jitted program that prefills the cache for the prompt in one
-forward pass, then runs ONE compiled single-token step (`ImageGPT.decode_step`) for every remaining
-position inside `lax.fori_loop`. Each layer's cache is pre-allocated at its full size
-[batch, image_size**2, heads, head_dim], so every step has the same shapes.
+forward pass, then runs one compiled single-token step (`ImageGPT.decode_step`) per remaining
+position inside `lax.fori_loop`. Each step attends over the whole cache it is given (positions
+not yet filled are masked), so the cache grows in CACHE_SEGMENTS segments: positions [0, L/4)
+run with a cache of L/4 positions, [L/4, L/2) with L/2, and so on (L = image_size**2), one
+fori_loop per segment, shapes fixed within each. Steps then read 5/8 of the full cache on
+average instead of all of it, which is what a step costs at large batch (the cache is
+2 * depth * batch * L * width floats). Nothing runs on the host between steps.
 
 `sample_without_cache` is the reference: it recomputes the full forward pass for every position.
 Both draw token t with `jax.random.categorical(fold_in(rng, t), filtered_logits)`, so for the same
@@ -15,7 +19,7 @@ rng they produce the same tokens (up to float rounding on exact ties), which the
 
 import functools
 import math
-from typing import Any, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +31,42 @@ from igpt_jax import palette as palette_lib
 ArrayLike = Union[np.ndarray, jax.Array]
 
 
+# The cache grows in this many steps (see the module docstring). Measured on CPU at width 256,
+# depth 4, 1024 positions: 4 segments sample 1.2-1.5x faster than a full-size cache at batch 8
+# and 32; each segment compiles the step once more (8 segments: a little faster, twice the
+# compile time).
+CACHE_SEGMENTS = 4
+
+
+def kth_largest(values: jax.Array, k: int) -> jax.Array:
+  """The k-th largest of values [..., n] float32 along the last axis, as [..., 1]; exactly
+  `jax.lax.top_k(values, k)[0][..., -1:]`, without its sort.
+
+  Builds the answer bit by bit in an order-preserving integer code of float32 (32 count-and-
+  compare passes over [..., n]). On CPU top_k sorts every row, calling a comparator per
+  comparison: at batch 32 and 512 clusters the top-40 filter took 2.6 ms per decode step that
+  way and 0.6 ms this way (2 shared cores).
+  """
+  bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
+  # Sign-magnitude -> two's complement order, then offset to unsigned: a < b iff code(a) < code(b).
+  order = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+  codes = jax.lax.bitcast_convert_type(order, jnp.uint32) ^ jnp.uint32(0x80000000)
+  answer = jnp.zeros((*values.shape[:-1], 1), jnp.uint32)
+  for bit in reversed(range(32)):
+    candidate = answer | jnp.uint32(1 << bit)
+    # The largest code with at least k values >= it is the k-th largest value's code.
+    enough = jnp.sum(codes >= candidate, axis=-1, keepdims=True) >= k
+    answer = jnp.where(enough, candidate, answer)
+  order = jax.lax.bitcast_convert_type(answer ^ jnp.uint32(0x80000000), jnp.int32)
+  bits = jnp.where(order < 0, order ^ jnp.int32(0x7FFFFFFF), order)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: Optional[int]) -> jax.Array:
   """logits [..., vocab] / temperature, with all but the top_k largest set to -inf."""
   logits = logits.astype(jnp.float32) / temperature
   if top_k is not None:
-    kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    logits = jnp.where(logits < kth_largest(logits, top_k), -jnp.inf, logits)
   return logits
 
 
@@ -43,6 +77,19 @@ def _draw(rng: jax.Array, index: jax.Array, logits: jax.Array, temperature: jax.
   return jax.random.categorical(key, filter_logits(logits, temperature, top_k)).astype(jnp.int32)
 
 
+def segment_ends(prompt_len: int, length: int, segments: int = CACHE_SEGMENTS) -> List[int]:
+  """Cache sizes of the segments that hold positions to sample: the multiples of length /
+  segments (rounded up) above prompt_len, length last; empty when nothing is left to sample."""
+  ends = sorted({-(-length * i // segments) for i in range(1, segments + 1)})
+  return [end for end in ends if end > prompt_len]
+
+
+def _grow(cache: Any, positions: int) -> Any:
+  """Pads every [rows, filled, head_dim] array of the cache to [rows, positions, head_dim]."""
+  return jax.tree_util.tree_map(
+      lambda x: jnp.pad(x, ((0, 0), (0, positions - x.shape[1]), (0, 0))), cache)
+
+
 def _decode_with_cache(model: models.ImageGPT, top_k: Optional[int], return_logits: bool,
                        variables: Any, rng: jax.Array, prompt: jax.Array,
                        temperature: jax.Array):
@@ -51,7 +98,9 @@ def _decode_with_cache(model: models.ImageGPT, top_k: Optional[int], return_logi
   ids = jnp.zeros((batch, length), jnp.int32).at[:, :prompt_len].set(prompt.astype(jnp.int32))
   logits_buffer = jnp.zeros((batch, length if return_logits else 0, model.num_clusters),
                             jnp.float32)
-  cache = model.apply(variables, prompt, method=models.ImageGPT.prefill)
+  ends = segment_ends(prompt_len, length)
+  if not ends:
+    return ids, logits_buffer
 
   def step(index, carry):
     ids, cache, logits_buffer = carry
@@ -65,8 +114,13 @@ def _decode_with_cache(model: models.ImageGPT, top_k: Optional[int], return_logi
       logits_buffer = jax.lax.dynamic_update_slice(logits_buffer, logits[:, None], (0, index, 0))
     return ids, cache, logits_buffer
 
-  ids, _, logits_buffer = jax.lax.fori_loop(prompt_len, length, step,
-                                            (ids, cache, logits_buffer))
+  cache = model.apply(variables, prompt, ends[0], method=models.ImageGPT.prefill)
+  start = prompt_len
+  for end in ends:
+    # Positions [start, end) with a cache of `end` positions: one compiled step per segment.
+    ids, cache, logits_buffer = jax.lax.fori_loop(start, end, step,
+                                                  (ids, _grow(cache, end), logits_buffer))
+    start = end
   return ids, logits_buffer
 
 

@@ -336,13 +336,13 @@ def test_sources_reopen_in_a_fresh_process_for_every_builder_kind(tmp_path, digi
   """What Grain pickles into its workers: no builder class or test module needed there."""
   import pickle
   import subprocess
-  from common_jax.data import pipeline
+  from common_jax.data import sources as sources_lib
   root = tmp_path / "folder"
   write_image_folder(root, np.random.default_rng(1))
   GreyCatalogueStandIn(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-  sources = [pipeline._data_source("sklearn_digits", "train[10:20]", digits_dir, None),
-             pipeline._data_source(f"image_folder:{root}", "train", str(tmp_path), None),
-             pipeline._data_source("grey_catalogue_stand_in", "train", str(tmp_path), None)]
+  sources = [sources_lib.data_source("sklearn_digits", "train[10:20]", digits_dir, None),
+             sources_lib.data_source(f"image_folder:{root}", "train", str(tmp_path), None),
+             sources_lib.data_source("grey_catalogue_stand_in", "train", str(tmp_path), None)]
   builder = data.get_builder(f"image_folder:{root}", str(tmp_path))
   child = ("import pickle, sys; sources, builder = pickle.load(sys.stdin.buffer); "
            "pickle.dump(([[s[i] for i in range(len(s))] for s in sources], "

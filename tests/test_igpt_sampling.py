@@ -1,5 +1,7 @@
 """iGPT sampling: the KV-cache decoder equals the no-cache reference; prompts, top-k, PNG grids."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,17 +36,18 @@ VARIABLES = random_variables(MODEL)
 PROMPT = np.random.default_rng(1).integers(0, NUM_CLUSTERS, (3, 14)).astype(np.int32)
 
 
-@pytest.mark.parametrize("prompt, temperature, top_k", [
-    (None, 1.0, None),
-    (PROMPT, 0.7, 5),
+@pytest.mark.parametrize("prompt, num_samples, temperature, top_k", [
+    (None, 3, 1.0, None),
+    (PROMPT, None, 0.7, 5),
+    (None, 8, 1.3, 7),
 ])
-def test_cache_decoder_equals_no_cache_reference(prompt, temperature, top_k):
+def test_cache_decoder_equals_no_cache_reference(prompt, num_samples, temperature, top_k):
   rng = jax.random.PRNGKey(42)
-  kwargs = dict(num_samples=None if prompt is not None else 3, prompt=prompt,
-                temperature=temperature, top_k=top_k, return_logits=True)
+  kwargs = dict(num_samples=num_samples, prompt=prompt, temperature=temperature, top_k=top_k,
+                return_logits=True)
   ids, logits = igpt_jax.sample(MODEL, VARIABLES, rng, **kwargs)
   reference_ids, reference_logits = sampling.sample_without_cache(MODEL, VARIABLES, rng, **kwargs)
-  assert ids.shape == (3, 36) and ids.dtype == jnp.int32
+  assert ids.shape == (num_samples or len(prompt), 36) and ids.dtype == jnp.int32
   # Same logits at every sampled position (float rounding only) and exactly the same tokens.
   np.testing.assert_allclose(logits, reference_logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(ids, reference_ids)
@@ -52,10 +55,11 @@ def test_cache_decoder_equals_no_cache_reference(prompt, temperature, top_k):
   if prompt is not None:
     np.testing.assert_array_equal(ids[:, :14], prompt)
     np.testing.assert_array_equal(logits[:, :14], 0.0)
+  if top_k is not None:
     # Each sampled token is one of the top_k most likely under the model.
     ranks = (np.asarray(reference_logits) > np.take_along_axis(
         np.asarray(reference_logits), np.asarray(ids)[..., None], axis=-1)).sum(-1)
-    assert ranks[:, 14:].max() < top_k
+    assert ranks[:, 0 if prompt is None else 14:].max() < top_k
 
 
 def test_top_1_is_greedy_and_the_seed_decides_the_rest():
@@ -78,13 +82,65 @@ def test_zero_is_a_colour_not_a_missing_prompt():
   assert not np.array_equal(prompted[:, 14:], unprompted[:, 14:])
 
 
-def test_one_compiled_step_in_one_loop():
+def test_one_compiled_step_per_cache_segment():
+  assert sampling.segment_ends(0, 1024) == [256, 512, 768, 1024]
+  assert sampling.segment_ends(300, 1024) == [512, 768, 1024]
+  assert sampling.segment_ends(0, 36) == [9, 18, 27, 36]
+  assert sampling.segment_ends(0, 3) == [1, 2, 3]
+  assert sampling.segment_ends(36, 36) == []
   decoder = sampling.make_decoder(MODEL, use_cache=True)
   jaxpr = jax.make_jaxpr(decoder)(VARIABLES, jax.random.PRNGKey(0), PROMPT, jnp.float32(1.0))
   text = str(jaxpr)
-  # One loop over positions (fori_loop lowers to a while loop or a scan), no per-position code.
-  assert text.count("while[") + text.count("scan[") == 1
-  assert len(text) < 200_000
+  # One loop per segment with positions to sample (fori_loop lowers to a while loop or a scan),
+  # no per-position code: prompt 14 of 36 leaves the segments ending at 18, 27 and 36.
+  assert text.count("while[") + text.count("scan[") == 3
+  assert len(text) < 600_000
+
+
+def _large_copies_in_loops(hlo: str, min_elements: int):
+  """Transposes and copies of arrays with >= min_elements inside any computation but the entry
+  one (loop bodies and what they call), as (op, shape) pairs."""
+  found, in_entry = [], False
+  for line in hlo.splitlines():
+    if line and not line.startswith(" "):
+      in_entry = line.startswith("ENTRY")
+    match = re.search(r"= f32\[([\d,]*)\]\{[\d,]*\} (transpose|copy)\(", line)
+    if match and not in_entry:
+      if np.prod([int(d) for d in match.group(1).split(",") if d]) >= min_elements:
+        found.append((match.group(2), match.group(1)))
+  return found
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_steps_update_the_cache_in_place(batch):
+  # The cost of a step at batch 8 and more was XLA transposing every layer's whole key and value
+  # cache at every step ([batch, positions, heads, head_dim] layout), and at batch 1 copying it
+  # ([batch, heads, positions, head_dim]); the compiled loops must do neither.
+  decoder = sampling.make_decoder(MODEL, use_cache=True)
+  hlo = decoder.lower(VARIABLES, jax.random.PRNGKey(0), np.zeros((batch, 0), np.int32),
+                      jnp.float32(1.0)).compile().as_text()
+  smallest_cache = batch * MODEL.num_heads * sampling.segment_ends(0, 36)[0] * MODEL.head_dim
+  assert hlo.count(" while(") >= 4
+  assert _large_copies_in_loops(hlo, smallest_cache) == []
+
+
+def test_kth_largest_is_top_k_without_the_sort():
+  rng = np.random.default_rng(0)
+  values = rng.standard_normal((6, 50)).astype(np.float32) * 10
+  values[0] = np.round(values[0])  # many ties
+  values[1, :5] = [-np.inf, np.inf, 0.0, -0.0, -np.inf]
+  values[2] = -np.abs(values[2])  # all negative
+  values[3] = 7.0  # all equal
+  for k in (1, 2, 5, 17, 49, 50):
+    expected = np.asarray(jax.lax.top_k(values, k)[0][:, -1:])
+    actual = np.asarray(sampling.kth_largest(jnp.asarray(values), k))
+    np.testing.assert_array_equal(actual.view(np.int32), expected.view(np.int32))
+
+
+def test_a_whole_image_prompt_comes_back_unchanged():
+  prompt = np.random.default_rng(3).integers(0, NUM_CLUSTERS, (2, 36)).astype(np.int32)
+  np.testing.assert_array_equal(igpt_jax.sample(MODEL, VARIABLES, jax.random.PRNGKey(0),
+                                                prompt=prompt), prompt)
 
 
 def test_bad_sampling_requests_raise():

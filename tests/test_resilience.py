@@ -554,7 +554,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
     shared, eight_devices, tmp_path, preemption_service):
   # A SIGTERM to process 1 only, while both train: both stop at the same step, with one
   # checkpoint (saving is a collective: a process stepping on would hang it). Without JAX's
-  # preemption service the processes compare their stop flags every train.AGREE_EVERY steps.
+  # preemption service the processes compare their stop flags every stopping.AGREE_EVERY steps.
   workdir = str(tmp_path / "vit")
   service = {"JAX_ENABLE_PREEMPTION_SERVICE": str(preemption_service).lower()}
   processes = _processes(shared, "vit", workdir, "--config.total_steps=40",

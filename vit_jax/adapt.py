@@ -10,6 +10,10 @@ the official fine-tuning code does:
     a linear ramp stays a linear ramp), the class-token slot copied as it is.
 Everything else must match in name and shape; the first key that does not is named in a
 one-sentence ValueError, before any array is read.
+Files may hold the blocks per block (`Transformer/encoderblock_{i}/...`, the official layout) or
+stacked (`Transformer/encoderblock/...` [depth, ...], a scan_layers=True run's checkpoint); they
+are read in the layout of the model they are loaded into (`common_jax.weights.in_layout`), and
+exports always write the official per-block layout.
 """
 
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -26,9 +30,11 @@ Params = Any
 Flat = Dict[str, np.ndarray]
 
 POSEMB = "Transformer/posembed_input/pos_embedding"
+# The blocks: `Transformer/encoderblock_{i}/...`, or stacked under `Transformer/encoderblock/...`.
+BLOCKS = "Transformer/encoderblock"
 # The forward pass: embedding, cls, posemb, blocks 0..n, norm, pre_logits, head.
 ORDER = trees.forward_order(
-    r"^Transformer/encoderblock_(\d+)/",
+    r"^Transformer/encoderblock(?:_(\d+))?/",
     early=("^embedding/", "^cls", "^Transformer/posembed_input/"),
     late=("^Transformer/encoder_norm/", "^pre_logits/", "^head/"))
 
@@ -41,7 +47,7 @@ def model_fix(key: str) -> str:
     return "set classifier to the file's ('token' has `cls`, 'gap' has none)"
   if key == POSEMB:
     return "set posemb='learn' (the file has a learned position embedding)"
-  if key.startswith("Transformer/encoderblock_"):
+  if key.startswith(BLOCKS):
     return "set depth to the file's number of encoderblock_<i> entries"
   return "build the model variant the file was written for"
 
@@ -50,14 +56,26 @@ def _shape_fix(key: str) -> str:
   """The configuration change that would give `key` the file's shape."""
   if key.startswith("pre_logits/"):
     return model_fix(key)
+  if key.startswith(BLOCKS + "/"):  # stacked: the first axis is the number of blocks
+    return ("build the model with the depth and variant the file was written for (the first "
+            "axis of a scan_layers=True model's block parameters is the block)")
   return ("build the model with the variant the file was written for (its width, mlp_dim, "
           "num_heads and patch_size)")
 
 
 def export_flat(variables: Any) -> Flat:
-  """Params -> flat official names, float32 numpy (bfloat16/float16 widen exactly)."""
-  return trees.host_float32(trees.params_of(variables), "the variables",
+  """Params (either block layout) -> flat official names in the per-block layout, float32 numpy
+  (bfloat16/float16 widen exactly)."""
+  flat = trees.host_float32(trees.params_of(variables), "the variables",
                             "pass the variables of a ViT model ({'params': ...})")
+  return {key: np.ascontiguousarray(value)
+          for key, value in trees.unstack_layers(flat, BLOCKS).items()}
+
+
+def in_model_layout(tensors: weights.Tensors, model: models.VisionTransformer
+                    ) -> weights.Tensors:
+  """Stored tensors under the block layout of `model` (per block, or stacked for scan_layers)."""
+  return weights.in_layout(tensors, BLOCKS, model.scan_layers)
 
 
 def resize_posemb(posemb: np.ndarray, new_grid: Tuple[int, int], *, num_tokens: int = 1,
@@ -120,6 +138,7 @@ def plan(tensors: weights.Tensors, model: models.VisionTransformer,
 
   Raises ValueError naming the first key that does not fit.
   """
+  tensors = in_model_layout(tensors, model)
   origin, stored = tensors.origin, dict(tensors.shapes)
   if ("cls" in stored) != ("cls" in target):
     has, lacks = ("the file", "the model") if "cls" in stored else ("the model", "the file")
@@ -159,6 +178,7 @@ def plan(tensors: weights.Tensors, model: models.VisionTransformer,
 def adapt(tensors: weights.Tensors, model: models.VisionTransformer, variables: Any,
           rng: Optional[jax.Array]) -> Dict[str, Params]:
   """Reads and adapts the stored arrays onto the model's tree -> {"params": numpy tree}."""
+  tensors = in_model_layout(tensors, model)
   target, fresh = _target(model, variables, rng)
   actions = plan(tensors, model, trees.flat_shapes(target))
   grid = model.image_size // model.patch_size

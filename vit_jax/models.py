@@ -11,19 +11,27 @@ they are:
   Transformer/encoder_norm
   pre_logits/{kernel,bias}                     only with representation_size
   head/{kernel,bias}                           zero-initialised
+
+With `scan_layers=True` the blocks are one `nn.scan`ned block whose parameters are stacked along a
+leading axis (logical name "layers"): `Transformer/encoderblock/...` [depth, ...] instead of
+`Transformer/encoderblock_{i}/...`. The weights layer converts between the two layouts
+(`common_jax.trees.stack_layers`), so official files load into and export from either.
 """
 
 import dataclasses
 import functools
 import re
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from common_jax import layers
+# The ViT-only layers, named here too as `models.X` (the official code's module names).
+from vit_jax import layers as vit_layers
+from vit_jax.layers import (  # pylint: disable=unused-import
+    AddPositionEmbs, MlpBlock, MultiHeadDotProductAttention, posemb_sincos_2d)
 
 Dtype = Any
 
@@ -53,120 +61,6 @@ def parse_variant(variant: str) -> dict:
   return dict(SIZES[match.group("size")], patch_size=int(match.group("patch")))
 
 
-def posemb_sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.) -> np.ndarray:
-  """Fixed 2-D sin-cos position embedding [1, height * width, dim] (as in big_vision)."""
-  if dim % 4:
-    raise ValueError(f"width {dim} must be a multiple of 4 for posemb='sincos2d'.")
-  y, x = np.mgrid[:height, :width]
-  omega = np.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1)
-  omega = 1. / (temperature**omega)
-  y = np.einsum("m,d->md", y.flatten(), omega)
-  x = np.einsum("m,d->md", x.flatten(), omega)
-  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
-  return pe[None].astype(np.float32)
-
-
-class AddPositionEmbs(nn.Module):
-  """Adds a learned position embedding `pos_embedding` [1, length, width]."""
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    init = layers.param_with_axes(nn.initializers.normal(stddev=0.02), (None, None, "embed"))
-    pe = self.param("pos_embedding", init, (1, x.shape[1], x.shape[2]), self.param_dtype)
-    return x + pe.astype(x.dtype)
-
-
-# Why the attention is written out rather than taken from Flax: the official ViT code uses
-# `nn.MultiHeadDotProductAttention`, whose `nn.DenseGeneral` projections give these very names
-# and initial values, but DenseGeneral calls kernel_init with the flattened [in, out] matrix
-# shape, so a kernel boxed with three logical names ([embed, heads, kv]) fails its sharding
-# constraint under a mesh; and one kernel_init serves all four projections there, while `out`
-# needs other names ([heads, kv, embed]). `_Projection` keeps DenseGeneral's parameters and
-# initialisation (Xavier-uniform over the flattened matrix, zero bias) with 3-D names.
-_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
-_TOKENS = ("act_batch", "act_length", "act_embed")
-
-
-class _Projection(nn.Module):
-  """`equation` of the input with `kernel` [*kernel_shape], plus `bias` [*kernel_shape[n_in:]]."""
-  equation: str  # e.g. "ble,ehd->blhd"
-  kernel_shape: Tuple[int, ...]
-  kernel_names: Tuple[str, ...]
-  n_in: int  # leading kernel axes contracted with the input
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    fan_in = int(np.prod(self.kernel_shape[:self.n_in]))
-    flat = (fan_in, int(np.prod(self.kernel_shape)) // fan_in)
-    kernel_init = lambda rng, shape, dtype: nn.initializers.xavier_uniform()(
-        rng, flat, dtype).reshape(shape)
-    kernel = self.param("kernel", layers.param_with_axes(kernel_init, self.kernel_names),
-                        self.kernel_shape, self.param_dtype)
-    bias_shape = self.kernel_shape[self.n_in:]
-    bias = self.param("bias", layers.param_with_axes(nn.initializers.zeros,
-                                                     self.kernel_names[self.n_in:]),
-                      bias_shape, self.param_dtype)
-    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
-    return y + bias.astype(self.dtype)
-
-
-class MultiHeadDotProductAttention(nn.Module):
-  """Multi-head self-attention with the parameter layout of the official ViT checkpoints.
-
-  Submodules `query`, `key`, `value` have kernels [embed, heads, head_dim] and biases
-  [heads, head_dim]; `out` has kernel [heads, head_dim, embed] and bias [embed].
-  """
-  num_heads: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  implementation: Optional[str] = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [batch, length, embed] -> [batch, length, embed]."""
-    features = x.shape[-1]
-    if features % self.num_heads:
-      raise ValueError(f"width {features} is not divisible by num_heads {self.num_heads}; "
-                       "choose a width that is a multiple of the number of heads.")
-    heads = (self.num_heads, features // self.num_heads)
-    project = functools.partial(_Projection, dtype=self.dtype, param_dtype=self.param_dtype)
-    query, key, value = (
-        layers.constrain(project("ble,ehd->blhd", (features,) + heads, ("embed", "heads", "kv"),
-                                 1, name=name)(x), _HEADS)
-        for name in ("query", "key", "value"))
-    y = layers.dot_product_attention(query, key, value, implementation=self.implementation)
-    y = project("blhd,hde->ble", heads + (features,), ("heads", "kv", "embed"), 2, name="out")(y)
-    return layers.constrain(y, _TOKENS)
-
-
-class MlpBlock(nn.Module):
-  """Dense -> GELU -> dropout -> Dense -> dropout, named `Dense_0`, `Dense_1`."""
-  mlp_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  dropout_rate: float = 0.0
-  gelu_approximate: bool = True
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    """x: [batch, length, embed] -> [batch, length, embed]."""
-    dense = lambda features, names: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=layers.param_with_axes(nn.initializers.xavier_uniform(), names),
-        bias_init=layers.param_with_axes(nn.initializers.normal(stddev=1e-6), names[1:]))
-    features = x.shape[-1]
-    x = layers.constrain(dense(self.mlp_dim, ("embed", "mlp"))(x),
-                         ("act_batch", "act_length", "act_mlp"))
-    x = nn.gelu(x, approximate=self.gelu_approximate)
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    x = dense(features, ("mlp", "embed"))(x)
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    return layers.constrain(x, _TOKENS)
-
-
 class Encoder1DBlock(nn.Module):
   """Pre-LayerNorm Transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
   mlp_dim: int
@@ -179,6 +73,7 @@ class Encoder1DBlock(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
+    """inputs: [batch, length, embed] -> [batch, length, embed]."""
     norm = functools.partial(
         nn.LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype,
         scale_init=layers.param_with_axes(nn.initializers.ones, ("embed",)),
@@ -198,7 +93,11 @@ class Encoder1DBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Position embeddings, dropout, `depth` blocks and the final LayerNorm `encoder_norm`."""
+  """Position embeddings, dropout, `depth` blocks and the final LayerNorm `encoder_norm`.
+
+  The blocks are `encoderblock_{i}`, or with `scan_layers` one scanned `encoderblock` whose
+  parameters are stacked [depth, ...]; `remat_policy` puts each block under `jax.checkpoint`.
+  """
   depth: int
   mlp_dim: int
   num_heads: int
@@ -208,19 +107,26 @@ class Encoder(nn.Module):
   add_learned_posemb: bool = True
   gelu_approximate: bool = True
   attention_implementation: Optional[str] = None
+  scan_layers: bool = False
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
     if self.add_learned_posemb:
       x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    for i in range(self.depth):
-      x = Encoder1DBlock(
-          mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
-          param_dtype=self.param_dtype, dropout_rate=self.dropout_rate,
-          gelu_approximate=self.gelu_approximate,
-          attention_implementation=self.attention_implementation,
-          name=f"encoderblock_{i}")(x, deterministic=deterministic)
+    block = functools.partial(
+        Encoder1DBlock, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
+        param_dtype=self.param_dtype, dropout_rate=self.dropout_rate,
+        gelu_approximate=self.gelu_approximate,
+        attention_implementation=self.attention_implementation)
+    if self.scan_layers:
+      x = layers.scan_blocks(block(name="encoderblock"), x, deterministic, length=self.depth,
+                             remat_policy=self.remat_policy)
+    else:
+      for i in range(self.depth):
+        x = layers.call_block(block(name=f"encoderblock_{i}"), x, deterministic,
+                              remat_policy=self.remat_policy)
     return nn.LayerNorm(
         dtype=self.dtype, param_dtype=self.param_dtype,
         scale_init=layers.param_with_axes(nn.initializers.ones, ("embed",)),
@@ -250,6 +156,8 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   gelu_approximate: bool = True
   attention_implementation: Optional[str] = None
+  scan_layers: bool = False
+  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -274,12 +182,13 @@ class VisionTransformer(nn.Module):
       cls = self.param("cls", layers.param_with_axes(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, channels), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
-    x = layers.constrain(x, _TOKENS)
+    x = layers.constrain(x, vit_layers.TOKENS)
     x = Encoder(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
         param_dtype=self.param_dtype, dropout_rate=self.dropout_rate,
         add_learned_posemb=self.posemb == "learn", gelu_approximate=self.gelu_approximate,
         attention_implementation=self.attention_implementation,
+        scan_layers=self.scan_layers, remat_policy=self.remat_policy,
         name="Transformer")(x, deterministic=deterministic)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size:
@@ -360,12 +269,20 @@ def create_model(variant: str = "B/16", *, num_classes: int = 1000, image_size: 
                  representation_size: Optional[int] = None, dropout_rate: float = 0.0,
                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                  gelu_approximate: bool = True, attention_implementation: Optional[str] = None,
+                 scan_layers: bool = False, remat_policy: str = "none",
                  **shape_overrides: Any) -> VisionTransformer:
   """Builds a ViT by variant name ("B/16", "Ti/4", ...) or "custom" with explicit shape.
 
   Shape overrides (`width`, `depth`, `mlp_dim`, `num_heads`, `patch_size`) replace the
   variant's numbers, e.g. `create_model("Ti/4", depth=4)`.
+
+  Switches that change how the model runs, never what it computes:
+    scan_layers: one block compiled once and run `depth` times (`nn.scan`); its parameters are
+      stacked [depth, ...] under `Transformer/encoderblock` (see the module docstring).
+    remat_policy: "none", "dots_saveable" or "full": what each block keeps for the backward pass
+      (`common_jax.layers.REMAT_POLICIES`); the rest is recomputed.
   """
+  layers.check_remat_policy(remat_policy)
   spec = resolve_spec(variant, **shape_overrides)
   check_options(image_size=image_size, patch_size=spec.patch_size, classifier=classifier,
                 posemb=posemb, num_classes=num_classes, dropout_rate=dropout_rate,
@@ -375,7 +292,8 @@ def create_model(variant: str = "B/16", *, num_classes: int = 1000, image_size: 
       mlp_dim=spec.mlp_dim, num_heads=spec.num_heads, image_size=image_size,
       classifier=classifier, posemb=posemb, representation_size=representation_size,
       dropout_rate=dropout_rate, dtype=dtype, param_dtype=param_dtype,
-      gelu_approximate=gelu_approximate, attention_implementation=attention_implementation)
+      gelu_approximate=gelu_approximate, attention_implementation=attention_implementation,
+      scan_layers=bool(scan_layers), remat_policy=remat_policy)
 
 
 def abstract_variables(model: VisionTransformer, batch_size: int = 1) -> Any:

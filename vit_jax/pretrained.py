@@ -43,9 +43,10 @@ def pretrained_initializer(path: str, model: models.VisionTransformer
 
   Args:
     path: an official-layout .npz, a timm-named .safetensors, or the workdir of an earlier
-      training run (the params of its latest checkpoint).
+      training run (the params of its latest checkpoint, from a run with or without
+      scan_layers).
     model: the model about to be trained; the weights are adapted to it as in `load_npz`
-      (new head, resized position embedding, pre_logits dropped).
+      (new head, resized position embedding, pre_logits dropped, blocks in its layout).
 
   The stored names and shapes are checked against `model` now (headers and metadata only), so
   weights that cannot fit fail before any compute; the arrays are read when the loop calls the
@@ -82,12 +83,15 @@ def read_checkpoint_params(workdir: str, model: models.VisionTransformer,
 
   Only the `params` subtree is read, straight to host memory, so the checkpoint may come from
   any mesh and optimiser; nothing under `workdir` is written. Names and shapes must be the
-  model's exactly (no adaptation: this is for exporting what was trained).
+  model's exactly (no adaptation: this is for exporting what was trained), up to the block
+  layout: a scan_layers run's stacked blocks are returned per block for a per-block model and
+  the other way round.
 
   Returns:
     (step, params tree of numpy arrays in the stored dtypes, the tree of `model.init`'s params).
   """
-  with weights.read_workdir(workdir, step) as tensors:
+  with weights.read_workdir(workdir, step) as stored:
+    tensors = adapt.in_model_layout(stored, model)  # a run of the other block layout too
     trees.check_names_and_shapes(
         tensors.shapes, trees.flat_shapes(models.abstract_variables(model)["params"]),
         tensors.origin, order=adapt.ORDER, shape_fix="use the config the run was trained with",

@@ -136,7 +136,7 @@ class ImageFolder(_LocalBuilder, skip_registration=True):
     super().__init__(config=config, **kwargs)
     # tfds pickles a builder as `_original_state` and unpickles it by calling `__init__` with it;
     # the base class records only its own arguments, which lack `root`. (The pipeline does not
-    # pickle builders: its sources reopen the prepared directory, see pipeline._SplitSource.)
+    # pickle builders: its sources reopen the prepared directory, see sources.SplitSource.)
     self._original_state = dict(root=self.root, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:

@@ -26,7 +26,7 @@ images are skipped instead, deterministically (see `train_iterator`), each repor
 import collections
 import dataclasses
 import sys
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from absl import flags
 import grain
@@ -35,6 +35,7 @@ import tensorflow_datasets as tfds
 
 from common_jax.data import builders
 from common_jax.data import preprocess as preprocess_lib
+from common_jax.data import sources
 
 Batch = dict[str, np.ndarray]
 
@@ -63,225 +64,11 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def _classification_builder(dataset: str, data_dir: Optional[str],
-                            manual_dir: Optional[str]) -> tfds.core.DatasetBuilder:
-  builder = builders.get_builder(dataset, data_dir, manual_dir)
-  features = builder.info.features
-  if ("image" not in features or "label" not in features
-      or not isinstance(features["label"], tfds.features.ClassLabel)):
-    raise ValueError(
-        f"config.dataset={dataset!r} has features {list(features)}, but the pipeline needs an "
-        "'image' and a class 'label'; choose an image classification dataset.")
-  return builder
-
-
-class _SplitSource:
-  """The records of one prepared split, by index; pickles as (prepared directory, split).
-
-  Grain pickles the whole dataset into each of its worker processes. A tfds source holds its
-  builder, and tfds pickles a builder as the arguments of `DatasetBuilder.__init__`, which the
-  worker then passes to the builder's own `__init__`: that fails for builders with arguments of
-  their own (`ImageFolder(root=...)`), needs the builder's class importable in the worker, and
-  would list and hash a whole image folder again in every worker. This source instead reopens
-  the split in the worker from the directory the parent read, with `tfds.builder_from_directory`,
-  which restores the features saved there: the same files, decoded the same way, for every
-  builder kind (catalogue, ours, image folders), and nothing listed or built again.
-  """
-
-  def __init__(self, builder_dir: str, split: str, source=None):
-    self._builder_dir, self._split = builder_dir, split
-    if source is None:
-      with builders.quiet_tfds():
-        source = tfds.builder_from_directory(builder_dir).as_data_source(split=split)
-    self._source = source
-
-  def __reduce__(self):
-    return _SplitSource, (self._builder_dir, self._split)
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self._source[index]
-
-
-class _CachedSource:
-  """A split read into memory once; a record that failed to read raises its error again."""
-
-  def __init__(self, source):
-    self._records = []
-    for index in range(len(source)):
-      try:
-        self._records.append(source[index])
-      except Exception as error:  # pylint: disable=broad-except  # raised again when read
-        self._records.append(error)
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    record = self._records[index]
-    if isinstance(record, Exception):
-      raise record
-    return record
-
-
 TRAIN_FIELD, EVAL_FIELD = "config.preprocess_train", "config.preprocess_eval"
 BadImageError = preprocess_lib.BadImageError
 _BAD = "_bad_images"  # a row's undecodable images: [(where, reason)], taken off before yielding
 _MAX_DRAWS = 100  # substitutes tried for one position before a split counts as unreadable
-_TRIAL_EXAMPLES = 8  # examples a preprocessing string is tried on, without a folder report
 _WARNED: set[str] = set()  # undecodable images already reported by this process
-
-
-def _split_names(split: str) -> list[str]:
-  """'train[:90%]+test' -> ['train', 'test']."""
-  return [part.split("[")[0].strip() for part in split.split("+")]
-
-
-def _open_split(dataset: str, split: str, data_dir: Optional[str], manual_dir: Optional[str],
-                split_field: str = "split") -> tuple[tfds.core.DatasetBuilder, _SplitSource]:
-  """The builder and the random-access source of one split (a slice such as 'train[:90%]' too)."""
-  builder = _classification_builder(dataset, data_dir, manual_dir)
-  what = f"{split_field}={split!r}" if split_field != "split" else f"split {split!r}"
-  known = ", ".join(repr(name) for name in sorted(builder.info.splits))
-  if not isinstance(split, str) or not split.strip():
-    raise ValueError(f"{what} names no split of config.dataset={dataset!r}; use one of {known}, "
-                     "or a slice such as 'train[:90%]'.")
-  try:
-    with builders.quiet_tfds():
-      source = builder.as_data_source(split=split)
-  except Exception as error:  # pylint: disable=broad-except  # tfds: ValueError, KeyError, ...
-    unknown = [name for name in _split_names(split) if name not in builder.info.splits]
-    if unknown:
-      named = "is not" if unknown[0] == split.strip() else f"names {unknown[0]!r}, which is not"
-      raise ValueError(f"{what} {named} a split of config.dataset={dataset!r}; use one of "
-                       f"{known}, or a slice such as 'train[:90%]'.") from None
-    if "0 length" in str(error):
-      raise ValueError(f"{what} selects no example of config.dataset={dataset!r}; widen the "
-                       "slice.") from None
-    raise ValueError(f"{what} is not a split of config.dataset={dataset!r} that tfds can read; "
-                     f"use one of {known}, or a slice such as 'train[:90%]', 'train[100:200]' "
-                     "or 'train+test' (percent bounds within -100..100).") from None
-  if len(source) == 0:  # pylint: disable=g-explicit-length-test
-    raise ValueError(f"{what} of config.dataset={dataset!r} is empty; choose another.")
-  return builder, _SplitSource(str(builder.data_dir), split, source)
-
-
-def _data_source(dataset: str, split: str, data_dir: Optional[str],
-                 manual_dir: Optional[str]) -> _SplitSource:
-  """The random-access source of one split (a split spec such as 'train[:90%]' works too)."""
-  return _open_split(dataset, split, data_dir, manual_dir)[1]
-
-
-def _check_readable(builder: tfds.core.DatasetBuilder, dataset: str, split: str,
-                    skip_bad_images: bool) -> None:
-  """Refuses a split of an image folder with files no image reader recognises, now, unless they
-  are to be skipped (the build read every header; slices are checked as their images come)."""
-  report = builders.folder_report(builder, split)
-  if skip_bad_images or not report or not report["num_unreadable"]:
-    return
-  index, path, reason = report["unreadable"][0]
-  count = report["num_unreadable"]
-  others = (f", nor can {count - 1} other file{'s' if count > 2 else ''} of the split"
-            if count > 1 else "")
-  raise BadImageError(
-      f"image {path!r} (example {index} of split {split!r} of config.dataset={dataset!r}) cannot "
-      f"be decoded ({reason}){others}; replace or delete that file, or set "
-      "config.skip_bad_images=True to skip and count such images.")
-
-
-class _Reader:
-  """Example `index` of a split: read, preprocessed and checked, any failure in one sentence.
-
-  An image that cannot be decoded (by the source, as catalogue datasets decode when read, or by
-  the `decode` op) raises `BadImageError` with `where` (the file or example) and `reason`; any
-  other ValueError of an op is the preprocessing string's, and names `field`.
-  """
-
-  def __init__(self, source, *, dataset: str, split: str, preprocess: str, field: str):
-    self.source, self.dataset, self.split = source, dataset, split
-    self.preprocess, self.field = preprocess, field
-    self.ops = preprocess_lib.parse(preprocess, field)
-
-  def where(self, index: int, record: Optional[dict[str, Any]], short: bool = False) -> str:
-    """"image 'train/cat/1.png' (example 7 of split 'train' of config.dataset=...)", or without
-    a path (catalogue datasets) "example 7 of split ..."; `short`: without split and dataset."""
-    example = f"example {index}" + ("" if short else
-                                    f" of split {self.split!r} of config.dataset={self.dataset!r}")
-    path = record.get("path") if isinstance(record, dict) else None
-    if isinstance(path, np.ndarray):
-      path = path.item()
-    if isinstance(path, bytes):
-      path = path.decode("utf-8", "replace")
-    if not path:
-      return example
-    return f"image {path!r}" if short else f"image {path!r} ({example})"
-
-  def _bad_image(self, index: int, record, reason: str) -> BadImageError:
-    where = self.where(index, record)
-    fix = ("replace or delete that file" if where.startswith("image ")
-           else "prepare the dataset again")
-    error = BadImageError(f"{where} cannot be decoded ({reason}); {fix}, or set "
-                          "config.skip_bad_images=True to skip and count such images.")
-    error.where, error.reason = where, reason
-    return error
-
-  def __call__(self, index: int, rng: np.random.Generator) -> Batch:
-    record = None
-    try:
-      record = self.source[index]
-      example = self.ops(record, rng)
-    except BadImageError as error:
-      raise self._bad_image(index, record, str(error)) from None
-    except Exception as error:  # pylint: disable=broad-except
-      if record is None:  # the source failed to decode the image it stores
-        raise self._bad_image(index, None, preprocess_lib.image_error_reason(error)) from None
-      if not isinstance(error, ValueError):
-        raise
-      raise ValueError(f"{self.field}={self.preprocess!r} fails on {self.where(index, record)}: "
-                       f"{str(error).rstrip('.')}.") from None
-    image = example["image"]
-    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
-      raise ValueError(
-          f"{self.field}={self.preprocess!r} gives {self.where(index, record)} a "
-          f"{getattr(image, 'shape', type(image).__name__)} image, not [height, width, 3]; start "
-          "it with 'decode'.")
-    return {"image": image.astype(np.float32, copy=False), "label": np.int32(example["label"])}
-
-
-def _check_one_size(reader: _Reader, builder: tfds.core.DatasetBuilder) -> None:
-  """Runs the preprocessing on an image of each size an image folder's split holds (else on its
-  first few examples), so that a string that fails, or leaves sizes varying, which cannot be
-  stacked into batches, is one sentence now rather than a failure mid-run."""
-  shapes = {}
-  with builders.quiet_tfds():  # tfds logs a warning when it first decodes an image feature
-    for name in _split_names(reader.split):
-      if name not in builder.info.splits:
-        continue
-      report = builders.folder_report(builder, name)
-      if report is not None:
-        indices = [index for _, _, index in report["sizes"]]
-      else:
-        indices = range(min(_TRIAL_EXAMPLES, builder.info.splits[name].num_examples))
-      source = reader.source if name == reader.split else _SplitSource(
-          str(builder.data_dir), name, builder.as_data_source(split=name))
-      trial = _Reader(source, dataset=reader.dataset, split=name, preprocess=reader.preprocess,
-                      field=reader.field)
-      for index in indices:
-        try:
-          row = trial(index, np.random.default_rng([0, index]))
-        except BadImageError:
-          continue  # the business of the iterators (and of skip_bad_images), not of this check
-        shapes.setdefault(row["image"].shape[:2], trial.where(index, source[index], short=True))
-  if len(shapes) > 1:
-    (size, first), (other, second) = list(shapes.items())[:2]
-    raise ValueError(
-        f"{reader.field}={reader.preprocess!r} leaves images of split {reader.split!r} of "
-        f"config.dataset={reader.dataset!r} at different sizes ({size[0]}x{size[1]} for "
-        f"{first}, {other[0]}x{other[1]} for {second}), which cannot be stacked into batches; "
-        "give them one size with resize(S), central_crop(S) after resize_small(S), or "
-        "inception_crop(S).")
 
 
 def _stack_fn(field: str, preprocess: str) -> Callable[[list[Batch]], Batch]:
@@ -362,11 +149,12 @@ def _iterate(batches: grain.MapDataset, prefetch: int, worker_count: int) -> Ite
 
 def _open_for_reading(dataset: str, split: str, preprocess: str, field: str,
                       data_dir: Optional[str], manual_dir: Optional[str],
-                      skip_bad_images: bool) -> tuple[tfds.core.DatasetBuilder, _SplitSource]:
+                      skip_bad_images: bool
+                      ) -> tuple[tfds.core.DatasetBuilder, sources.SplitSource]:
   """The checks every iterator makes before its first batch; the builder and source."""
   preprocess_lib.check(preprocess, field)
-  builder, source = _open_split(dataset, split, data_dir, manual_dir)
-  _check_readable(builder, dataset, split, skip_bad_images)
+  builder, source = sources.open_split(dataset, split, data_dir, manual_dir)
+  sources.check_readable(builder, dataset, split, skip_bad_images)
   return builder, source
 
 
@@ -416,10 +204,11 @@ def train_iterator(*, dataset: str, split: str, preprocess: str, global_batch_si
     raise ValueError(f"start_step={start_step} must be >= 0 (the step restored, or 0).")
   builder, source = _open_for_reading(dataset, split, preprocess, TRAIN_FIELD, data_dir,
                                       manual_dir, skip_bad_images)
-  reader = _Reader(source, dataset=dataset, split=split, preprocess=preprocess, field=TRAIN_FIELD)
-  _check_one_size(reader, builder)
+  reader = sources.Reader(source, dataset=dataset, split=split, preprocess=preprocess,
+                          field=TRAIN_FIELD)
+  sources.check_one_size(reader, builder)
   if cache:
-    reader.source = _CachedSource(source)
+    reader.source = sources.CachedSource(source)
   num_examples = len(source)
 
   def example_at(position: int, index: int) -> Batch:
@@ -479,8 +268,9 @@ def eval_iterator(*, dataset: str, split: str, preprocess: str, global_batch_siz
   local_batch_size = _local_batch_size(global_batch_size, process_count)
   builder, source = _open_for_reading(dataset, split, preprocess, EVAL_FIELD, data_dir,
                                       manual_dir, skip_bad_images)
-  reader = _Reader(source, dataset=dataset, split=split, preprocess=preprocess, field=EVAL_FIELD)
-  _check_one_size(reader, builder)
+  reader = sources.Reader(source, dataset=dataset, split=split, preprocess=preprocess,
+                          field=EVAL_FIELD)
+  sources.check_one_size(reader, builder)
   num_examples = len(source)
   num_batches = -(-num_examples // global_batch_size)
   # Padding rows copy the shape of a real one so that padded batches stack (the check above made
@@ -525,7 +315,7 @@ def eval_iterator(*, dataset: str, split: str, preprocess: str, global_batch_siz
 def dataset_info(dataset: str, data_dir: Optional[str] = None,
                  manual_dir: Optional[str] = None) -> DatasetInfo:
   """Number of classes, split sizes and (if fixed) image shape; builds our own sets if needed."""
-  builder = _classification_builder(dataset, data_dir, manual_dir)
+  builder = sources.classification_builder(dataset, data_dir, manual_dir)
   features = builder.info.features
   shape = tuple(features["image"].shape)
   fixed = len(shape) == 3 and all(isinstance(dim, int) for dim in shape)
@@ -551,8 +341,8 @@ def check_dataset(dataset: str, split: str, data_dir: Optional[str] = None,
   image folder whose split holds files no image reader recognises is refused (one sentence
   naming the first, `BadImageError`).
   """
-  builder, _ = _open_split(dataset, split, data_dir, manual_dir, split_field)
-  _check_readable(builder, dataset, split, skip_bad_images)
+  builder, _ = sources.open_split(dataset, split, data_dir, manual_dir, split_field)
+  sources.check_readable(builder, dataset, split, skip_bad_images)
 
 
 def check_preprocess(spec: str, field: str, *, dataset: Optional[str] = None,
@@ -575,6 +365,7 @@ def check_preprocess(spec: str, field: str, *, dataset: Optional[str] = None,
   preprocess_lib.check(spec, field)
   if dataset is None or split is None:
     return
-  builder, source = _open_split(dataset, split, data_dir, manual_dir)
-  _check_one_size(_Reader(source, dataset=dataset, split=split, preprocess=spec, field=field),
+  builder, source = sources.open_split(dataset, split, data_dir, manual_dir)
+  sources.check_one_size(sources.Reader(source, dataset=dataset, split=split, preprocess=spec,
+                                        field=field),
                   builder)
