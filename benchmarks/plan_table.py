@@ -2,6 +2,11 @@ r"""The README's plan table: per-device memory of the paper's models under data 
 FSDP over 8 devices, from `--mode plan`'s compiled step (shapes only; simulated CPU devices).
 
   JAX_NUM_CPU_DEVICES=8 .venv/bin/python benchmarks/plan_table.py [--device_memory_gb 80]
+  JAX_NUM_CPU_DEVICES=8 .venv/bin/python benchmarks/plan_table.py --only iGPT --meshes fsdp \
+      --set model.remat_policy=full --set model.scan_layers=true --set model.dtype=bfloat16
+
+`--set field=value` overrides a config field of every recipe (values as on run.py's command
+line); `--only` keeps the models whose name contains it.
 """
 
 import argparse
@@ -25,14 +30,27 @@ def main():
   parser.add_argument("--device_memory_gb", type=float, default=80.0)
   parser.add_argument("--batch_per_device", type=int, default=0,
                       help="0: the recipe's global batch")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  parser.add_argument("--only", default="", help="models whose name contains this")
+  parser.add_argument("--meshes", default="data,fsdp")
   args = parser.parse_args()
   gib = lambda n: f"{n / 2**30:.2f}"
   print("| model | mesh | global batch | params | params + Adam / device (GiB) | step "
         "temporaries / device (GiB) | fits 80 GiB | TFLOPs / example (XLA, formula) |")
   print("|---|---|---|---|---|---|---|---|")
   for recipe, name in MODELS:
-    for mesh in ("data", "fsdp"):
+    if args.only not in name:
+      continue
+    for mesh in args.meshes.split(","):
       config = config_lib.load_recipe(recipe)
+      for assignment in args.set:
+        field, _, value = assignment.partition("=")
+        node = config
+        *parents, leaf = field.split(".")
+        for parent in parents:
+          node = node[parent]
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else (
+            value.lower() in ("1", "true", "yes"))
       config.mesh.data, config.mesh.fsdp = (-1, 1) if mesh == "data" else (1, -1)
       config.device_memory_gb = args.device_memory_gb
       if args.batch_per_device:

@@ -205,7 +205,7 @@ class Family:
     result = train.train_and_evaluate(
         task, loop=run.loop, optimizer=run.optimizer, mesh_config=run.mesh, workdir=run.workdir,
         train_data=run.train_data, eval_data=run.eval_data, rules=run.rules,
-        initial_params=run.initial_params)
+        initial_params=run.initial_params, flops_per_example=self.flops_per_example(run))
     if result["stopped"]:
       return EXIT_STOPPED
     if result["eval"] and is_main_process():

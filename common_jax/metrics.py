@@ -127,11 +127,20 @@ def _drop_records_after(path: str, step: int) -> List[frozenset]:
 
 
 class Progress:
-  """Rate and ETA over the steps since the last report (compilation excluded by resetting)."""
+  """Rate, ETA and MFU over the steps since the last report (compilation excluded by resetting).
 
-  def __init__(self, total_steps: int, global_batch_size: int):
+  With `flops_per_example` (model FLOPs) and the devices' peak, each report also carries the
+  FLOP/s per device and the MFU: FLOP/s per device over the peak of one device.
+  """
+
+  def __init__(self, total_steps: int, global_batch_size: int, *,
+               flops_per_example: Optional[float] = None, num_devices: int = 1,
+               peak_per_device: Optional[float] = None):
     self.total_steps = total_steps
     self.global_batch_size = global_batch_size
+    self.flops_per_example = flops_per_example
+    self.num_devices = num_devices
+    self.peak_per_device = peak_per_device
     self._mark_time: Optional[float] = None
     self._mark_step = 0
 
@@ -144,14 +153,29 @@ class Progress:
       return {}
     steps_per_sec = (step - self._mark_step) / max(now - self._mark_time, 1e-9)
     self._mark_time, self._mark_step = now, step
-    return {"steps_per_sec": steps_per_sec,
-            "examples_per_sec": steps_per_sec * self.global_batch_size}
+    rates = {"steps_per_sec": steps_per_sec,
+             "examples_per_sec": steps_per_sec * self.global_batch_size}
+    if self.flops_per_example and self.peak_per_device:
+      per_device = rates["examples_per_sec"] * self.flops_per_example / self.num_devices
+      rates.update(flops_per_sec_per_device=per_device, mfu=per_device / self.peak_per_device)
+    return rates
 
   def line(self, step: int, scalars: Dict[str, float], rates: Dict[str, float]) -> str:
     parts = [f"step {step}/{self.total_steps}"]
     parts += [f"{k} {v:.4g}" for k, v in scalars.items()]
     if rates:
       eta = (self.total_steps - step) / rates["steps_per_sec"]
-      parts += [f"{rates['steps_per_sec']:.2f} steps/s",
-                f"{rates['examples_per_sec']:.0f} ex/s", f"ETA {format_duration(eta)}"]
+      parts += [f"{rates['steps_per_sec']:.2f} steps/s", f"{rates['examples_per_sec']:.0f} ex/s"]
+      if "mfu" in rates:
+        parts += [f"{_si(rates['flops_per_sec_per_device'])}FLOP/s/device",
+                  f"MFU {100 * rates['mfu']:.1f}%"]
+      parts.append(f"ETA {format_duration(eta)}")
     return " | ".join(parts)
+
+
+def _si(value: float) -> str:
+  """12.3e9 -> '12.3 G'."""
+  for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if value >= factor:
+      return f"{value / factor:.3g} {prefix}"
+  return f"{value:.3g} "

@@ -34,6 +34,7 @@ class PlanReport:
   batch_size: int
   devices: int
   device_memory_bytes: Optional[int]
+  has_loops: bool = False  # the step loops over layers or microbatches: XLA counts one iteration
 
   @property
   def bytes_per_device(self) -> int:
@@ -90,7 +91,9 @@ def plan_step(trainer: train.Trainer, batch_size: int,
       param_bytes_total=param_total, opt_bytes_total=opt_total, temp_bytes_per_device=temp,
       xla_flops_per_step=flops, formula_flops_per_example=formula_flops_per_example,
       batch_size=batch_size, devices=trainer.mesh.size,
-      device_memory_bytes=device_memory(device_memory_gb))
+      device_memory_bytes=device_memory(device_memory_gb),
+      # XLA's cost analysis counts a loop's body once.
+      has_loops=trainer.accum_steps > 1 or bool(getattr(trainer.model, "scan_layers", False)))
 
 
 def transformer_flops_per_example(params: int, tokens: int, layers: int, width: int) -> float:
@@ -122,7 +125,10 @@ def format_report(report: PlanReport) -> str:
       "  training FLOPs per example: "
       + (f"{per_example:.3e} (XLA cost analysis)" if per_example else "? (XLA gave none)")
       + (f", {formula:.3e} (6*N*T + attention)" if formula else "")
-      + (f"; per step {report.xla_flops_per_step:.3e}" if report.xla_flops_per_step else ""),
+      + (f"; per step {report.xla_flops_per_step:.3e}" if report.xla_flops_per_step else "")
+      + ("; the step loops (scan_layers or accum_steps), and XLA counts a loop's body once, so "
+         "its figure is too low: the formula's holds" if report.has_loops and per_example
+         else ""),
   ]
   return "\n".join(lines)
 

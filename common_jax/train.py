@@ -3,6 +3,7 @@ does the mesh, the sharded state, the jitted step, data feeding, evaluation, met
 checkpoints. It imports no dataset code: data arrives through two factories of numpy batches.
 """
 
+import collections
 import contextlib
 import dataclasses
 import sys
@@ -18,6 +19,7 @@ import optax
 
 from common_jax import checkpoint as checkpoint_lib
 from common_jax import metrics as metrics_lib
+from common_jax import mfu
 from common_jax import optim
 from common_jax import sharding as sharding_lib
 from common_jax import stopping
@@ -197,6 +199,7 @@ def train_and_evaluate(
     rules: Sequence[Tuple[str, Any]] = sharding_lib.DEFAULT_RULES,
     initial_params: Optional[Callable[[Any], Any]] = None,
     tensorboard: bool = True,
+    flops_per_example: Optional[float] = None,
 ) -> Dict[str, Any]:
   """Trains `task` to `loop.total_steps`, resuming from the latest checkpoint in `workdir`.
 
@@ -205,6 +208,9 @@ def train_and_evaluate(
     eval_data: () -> iterable over one pass of local evaluation batches (with "mask").
     initial_params: host params -> params, applied to a fresh (not resumed) initialisation,
       e.g. to load pretrained weights.
+    flops_per_example: the model's training FLOPs per example (the family's formula, see
+      `common_jax.plan`); with it every progress line and metrics record carries the FLOP/s per
+      device and the MFU against the device's peak (`common_jax.mfu.device_peak`).
 
   Returns:
     dict with "step", "stopped" (True when a signal ended the run early), "eval" (last
@@ -244,6 +250,11 @@ def train_and_evaluate(
     writer.print(f"model {type(trainer.model).__name__}: {num_params:,} parameters; mesh "
                  f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
                  f"devices; {loop.total_steps} steps of batch {loop.batch_size}")
+    peak = None
+    if flops_per_example and loop.log_every and step < loop.total_steps:
+      peak, peak_source = mfu.device_peak()
+      writer.print(f"MFU: {flops_per_example / 1e9:.3g} GFLOP per example (model FLOPs, "
+                   f"6·N·T + attention) against {peak_source} per device")
 
     def run_eval(at_step: int) -> Dict[str, float]:
       began = time.perf_counter()
@@ -273,20 +284,23 @@ def train_and_evaluate(
         raise stopping.diverged(step, checkpointer.latest_step())
 
     several = jax.process_count() > 1
-    progress = metrics_lib.Progress(loop.total_steps, loop.batch_size)
+    progress = metrics_lib.Progress(loop.total_steps, loop.batch_size,
+                                    flops_per_example=flops_per_example if peak else None,
+                                    num_devices=jax.device_count(), peak_per_device=peak)
     last_eval: Dict[str, float] = {}
     pending = []  # metrics since the last log
     stopped = False
     eval_seconds = 0.0
     first_step_seconds = None
-    train_iter = train_data(step) if step < loop.total_steps else iter(())
+    train_iter = (on_device(train_data(step), mesh) if step < loop.total_steps
+                  else iter(()))
     # Signals are taken from here until the last save is on disk (one after the loop is only
     # noted: the run is ending anyway).
     with stopping.StopRequest(step) as stop, trainer.context():
       while step < loop.total_steps:
-        local = next(train_iter)
+        batch = next(train_iter)
         step_began = time.perf_counter()
-        state, step_metrics = trainer.train_step(state, sharding_lib.global_batch(local, mesh))
+        state, step_metrics = trainer.train_step(state, batch)
         step += 1
         unchecked.append((step, step_metrics))
         if loop.log_every:
@@ -351,6 +365,20 @@ def train_and_evaluate(
   return {"step": step, "stopped": stopped, "eval": last_eval, "params": state.params,
           "seconds": total_seconds, "first_step_seconds": first_step_seconds,
           "eval_seconds": eval_seconds}
+
+
+def on_device(local_batches: Iterator[LocalBatch], mesh: jax.sharding.Mesh,
+              ahead: int = 2) -> Iterator[Dict[str, jax.Array]]:
+  """The global batches of `local_batches`, each sent to the devices `ahead` steps before the
+  step that takes it: the transfer (asynchronous, like the steps) overlaps the steps before, and
+  the host reads the next batch while the devices compute."""
+  queue = collections.deque()
+  for local in local_batches:
+    queue.append(sharding_lib.global_batch(local, mesh))
+    if len(queue) > ahead:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def _close_after_error(checkpointer: checkpoint_lib.Checkpointer) -> None:

@@ -37,3 +37,18 @@ def test_an_fsdp_plan_puts_an_eighth_of_the_state_on_each_device(family_name, co
   printed = capsys.readouterr().out
   assert "DOES NOT FIT" in printed and "(6*N*T + attention)" in printed
   assert not (tmp_path / "workdir").exists()
+
+
+def test_a_scanned_model_plans_and_says_xla_counts_its_loop_once(tmp_path, capsys):
+  reports = {}
+  for scan in (False, True):
+    config = _fsdp(vit_pretrain.get_config("B/16,imagenet2012"), image_size=32, batch_size=8)
+    config.model.update(depth=4, width=64, mlp_dim=128, num_heads=4, scan_layers=scan)
+    family, prepared = run.prepare(config, str(tmp_path / "workdir"), "plan")
+    reports[scan], _ = family.plan_report(prepared)
+  assert reports[True].has_loops and not reports[False].has_loops
+  assert reports[True].formula_flops_per_example == reports[False].formula_flops_per_example
+  # One of the four blocks counted: XLA's figure falls short of the unscanned one.
+  assert reports[True].xla_flops_per_step < 0.8 * reports[False].xla_flops_per_step
+  assert family.plan(prepared) == 0
+  assert "XLA counts a loop's body once" in capsys.readouterr().out

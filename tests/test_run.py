@@ -207,6 +207,13 @@ def test_sigterm_then_resume_matches_an_unbroken_run(tmp_path):
   records = [json.loads(line) for line in open(tmp_path / "unbroken" / "metrics.jsonl")]
   losses = [r["train/loss"] for r in records if "train/loss" in r]
   assert losses[-1] < 0.85 * losses[0]
+  # Train records carry the throughput and the MFU: model FLOPs per second per device (the
+  # same FLOPs per example throughout) over the measured peak.
+  rated = [r for r in records if "train/loss" in r]
+  assert all(r["examples_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in rated)
+  per_example = {round(r["flops_per_sec_per_device"] * 2 / r["examples_per_sec"]) for r in rated}
+  assert len(per_example) == 1 and per_example.pop() > 0  # 2 devices
+  assert "MFU:" in unbroken.stdout and "% | ETA" in unbroken.stdout
   result = json.load(open(tmp_path / "unbroken" / "result.json"))
   assert result["step"] == 150 and result["accuracy"] > 0.2  # chance is 0.1
 
