@@ -25,7 +25,8 @@ def get_config(arg: str = "cifar10") -> ml_collections.ConfigDict:
   config = common.add_igpt_fields(common.base())
   config.task = "igpt_finetune_ar"  # igpt_finetune_bert after BERT pre-training
   config.model = ml_collections.ConfigDict(dict(
-      variant="S", dropout_rate=0.0, dtype="float32", attention_implementation="",
+      variant="S", width=0, depth=0, num_heads=0, mlp_dim=0,  # 0: the variant's
+      dropout_rate=0.0, dtype="float32", attention_implementation="",
       scan_layers=False, remat_policy="none"))
   config.dataset = dataset
   config.num_classes = DATASETS[dataset]

@@ -28,7 +28,8 @@ def get_config(arg: str = "cifar10") -> ml_collections.ConfigDict:
   config = common.add_igpt_fields(common.base())
   config.task = "igpt_ar"
   config.model = ml_collections.ConfigDict(dict(
-      variant="S", dropout_rate=0.0, dtype="float32", attention_implementation="",
+      variant="S", width=0, depth=0, num_heads=0, mlp_dim=0,  # 0: the variant's
+      dropout_rate=0.0, dtype="float32", attention_implementation="",
       scan_layers=False, remat_policy="none"))
   config.dataset = dataset
   config.num_classes = DATASETS[dataset]

@@ -34,7 +34,9 @@ def get_config(arg: str = "B/16,cifar10") -> ml_collections.ConfigDict:
   classes, train_split, eval_split, steps, lr = DATASETS[dataset]
   config = common.add_vit_fields(common.base())
   config.model = ml_collections.ConfigDict(dict(
-      variant=variant, classifier="token", posemb="learn", representation_size=0,
+      # Shape fields: 0 = the variant's number.
+      variant=variant, width=0, depth=0, mlp_dim=0, num_heads=0, patch_size=0,
+      classifier="token", posemb="learn", representation_size=0,
       dropout_rate=0.0, dtype="float32", gelu_approximate=True, attention_implementation="",
       scan_layers=False, remat_policy="none"))
   config.dataset = dataset

@@ -1,6 +1,6 @@
 r"""ViT supervised pre-training, the paper's recipe (Sec. 4.1 / Appendix B.1): Adam (0.9, 0.999),
 batch 4096, linear warm-up of 10k steps, decoupled weight decay, gradient clipping at norm 1,
-dropout 0.1, a representation (pre-logits) layer, resolution 224.
+dropout 0.1, a representation (pre-logits) layer as wide as the model, resolution 224.
 
   python run.py --config configs/vit_pretrain.py:B/16,imagenet2012 --workdir workdirs/pt \
       --config.data_dir=/path/to/tensorflow_datasets --config.manual_dir=/path/to/imagenet
@@ -19,6 +19,7 @@ takes days on a TPU-v3 pod slice; nothing here is reproduced on a CPU.
 import ml_collections
 
 from configs import common
+from vit_jax import models as vit_models
 
 # dataset -> (classes, train examples, epochs, lr, weight decay, decay)
 DATASETS = {
@@ -33,9 +34,13 @@ def get_config(arg: str = "B/16,imagenet2012") -> ml_collections.ConfigDict:
     raise ValueError(f"vit_pretrain.py: dataset {dataset!r} is unknown; use one of "
                      f"{sorted(DATASETS)}.")
   classes, examples, epochs, lr, weight_decay, decay = DATASETS[dataset]
+  width = vit_models.parse_variant(variant)["width"]
   config = common.add_vit_fields(common.base())
   config.model = ml_collections.ConfigDict(dict(
-      variant=variant, classifier="token", posemb="learn", representation_size=768,
+      # Shape fields: 0 = the variant's number.
+      variant=variant, width=0, depth=0, mlp_dim=0, num_heads=0, patch_size=0,
+      # The paper's pre-training head: a pre-logits layer as wide as the model.
+      classifier="token", posemb="learn", representation_size=width,
       dropout_rate=0.1, dtype="float32", gelu_approximate=True, attention_implementation="",
       scan_layers=False, remat_policy="none"))
   config.dataset = dataset
