@@ -143,6 +143,85 @@ def test_value_range_gives_the_bits_of_the_plain_expression_without_touching_its
     np.testing.assert_array_equal(image, before)
 
 
+def encoded_images():
+  """(name, encoded bytes) of files as image folders hold them: JPEG and PNG, RGB, grey, with
+  alpha, with a palette, in sizes smaller and larger than the ops' outputs."""
+  rng = np.random.default_rng(1)
+  files = []
+  for mode, size, fmt in [("RGB", (37, 53), "JPEG"), ("RGB", (300, 260), "JPEG"),
+                          ("L", (41, 29), "JPEG"), ("RGB", (17, 23), "PNG"),
+                          ("RGBA", (64, 48), "PNG"), ("P", (33, 35), "PNG"),
+                          ("L", (9, 300), "PNG")]:
+    array = rng.integers(0, 256, (size[0], size[1], 3), np.uint8)
+    image = PIL.Image.fromarray(array)
+    if mode == "RGBA":
+      image.putalpha(128)
+    elif mode != "RGB":
+      image = image.convert(mode)
+    encoded = io.BytesIO()
+    image.save(encoded, format=fmt)
+    files.append((f"{mode} {size} {fmt}", encoded.getvalue()))
+  return files
+
+
+@pytest.mark.parametrize("spec", [
+    "decode|inception_crop(24)|flip_lr",
+    "decode|inception_crop((20,28),area_min=50)|flip_lr|value_range(-1,1)",
+    "decode|resize_small(16)|central_crop(12)|value_range(0,1,in_min=10,in_max=20)",
+    "decode|resize((31,7))|random_crop(5,pad=2)|flip_lr|value_range(-1,1)",
+    "decode|flip_lr|resize(64)|value_range(-0.5,2.5,in_min=-3,in_max=300)",
+    "decode|value_range(-1,1)",
+    "decode",
+])
+def test_ops_on_decoded_files_give_the_bits_of_the_ops_one_at_a_time(spec):
+  """`parse` keeps a decoded file as a PIL image through the ops that can take one; that must
+  change nothing: the same pixels and the same random draws as each op applied alone to numpy
+  arrays. And `parse_for_batches` (the pipeline's split of the string, its final value_range
+  written into a row of the batch) gives the bits of `parse`."""
+  from common_jax.data import preprocess
+  names_and_ops = preprocess.parse_ops(spec)
+  parsed = preprocess.parse(spec)
+  per_example, finish = preprocess.parse_for_batches(spec)
+  for seed in range(4):
+    for name, encoded in encoded_images():
+      example = {"image": encoded, "label": 3}
+      one_at_a_time, rng = example, np.random.default_rng(seed)
+      for _, op in names_and_ops:  # each op alone: numpy in, numpy out
+        one_at_a_time = op(one_at_a_time, rng)
+      parsed_rng = np.random.default_rng(seed)
+      image = parsed(example, parsed_rng)["image"]
+      assert isinstance(image, np.ndarray), name
+      assert image.dtype == one_at_a_time["image"].dtype, name
+      assert image.tobytes() == np.ascontiguousarray(one_at_a_time["image"]).tobytes(), name
+      assert parsed_rng.random() == rng.random(), f"{name}: other random draws"
+      row = per_example(example, np.random.default_rng(seed))["image"]
+      if spec.endswith(")") and "value_range" in spec.split("|")[-1]:
+        assert row.dtype == np.uint8, "value_range is left for the batch"
+      out = np.full(image.shape, np.nan, np.float32)
+      finish(row, out)
+      assert out.tobytes() == image.astype(np.float32).tobytes(), name
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_position():
+  """The train stream's shuffle: each epoch a permutation of the split, a new one each epoch,
+  the same whatever order the positions are asked in (threads and workers ask out of order and
+  keep only the last epochs), and the same in a fresh copy (a worker process)."""
+  import pickle
+  from common_jax.data import batching
+  num_examples = 37
+  positions = np.arange(6 * num_examples)
+  in_order = batching.EpochOrder(3, num_examples)
+  expected = [in_order(int(p), int(p) % num_examples) for p in positions]
+  epochs = np.reshape(expected, (6, num_examples))
+  assert all(sorted(epoch) == list(range(num_examples)) for epoch in epochs)
+  assert len({tuple(epoch) for epoch in epochs}) == 6
+  shuffled = np.random.default_rng(0).permutation(positions)
+  copy = pickle.loads(pickle.dumps(batching.EpochOrder(3, num_examples)))
+  assert [copy(int(p), int(p) % num_examples) for p in shuffled] == [expected[p] for p in shuffled]
+  other_seed = batching.EpochOrder(4, num_examples)
+  assert [other_seed(int(p), int(p) % num_examples) for p in positions] != expected
+
+
 def test_same_seed_same_batches_other_seed_other_batches(digits_dir):
   make = lambda seed: data.train_iterator(dataset="sklearn_digits", split="train",
                                           preprocess=AUGMENT, global_batch_size=64, seed=seed,

@@ -3,7 +3,7 @@
 The train stream is a pure function of (seed, position), by construction:
 
     position p = 0, 1, 2, ...                        one stream shared by all processes
-    example at p = shuffle(seed, epoch = p // N)[p % N]     Grain `shuffle` then `repeat`
+    example at p = permutation(seed, epoch = p // N)[p % N]     N examples in the split
     augmentation rng at p = np.random.default_rng([seed, p])
     global batch at step s = positions [s * B, (s + 1) * B)
     process k's local batch at step s = rows [k * B / P, (k + 1) * B / P) of it
@@ -23,16 +23,14 @@ images are skipped instead, deterministically (see `train_iterator`), each repor
 `warning:` line on stderr and counted in the iterator's `bad_images`.
 """
 
-import collections
 import dataclasses
-import sys
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
-from absl import flags
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from common_jax.data import batching
 from common_jax.data import builders
 from common_jax.data import preprocess as preprocess_lib
 from common_jax.data import sources
@@ -66,87 +64,8 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 TRAIN_FIELD, EVAL_FIELD = "config.preprocess_train", "config.preprocess_eval"
 BadImageError = preprocess_lib.BadImageError
-_BAD = "_bad_images"  # a row's undecodable images: [(where, reason)], taken off before yielding
+Batches = batching.Batches
 _MAX_DRAWS = 100  # substitutes tried for one position before a split counts as unreadable
-_WARNED: set[str] = set()  # undecodable images already reported by this process
-
-
-def _stack_fn(field: str, preprocess: str) -> Callable[[list[Batch]], Batch]:
-  """Stacks rows into a batch (the lists of undecodable images are joined, not stacked), with
-  one sentence if sizes vary after all (a catalogue dataset past the examples checked)."""
-  def stack(rows):
-    shapes = {row["image"].shape for row in rows}
-    if len(shapes) > 1:
-      raise ValueError(f"{field}={preprocess!r} gives images of shapes {sorted(shapes)} in one "
-                       "batch; give them one size with resize(S), or central_crop(S) after "
-                       "resize_small(S).")
-    return {key: ([bad for row in rows for bad in row[key]] if key == _BAD
-                  else np.stack([row[key] for row in rows])) for key in rows[0]}
-  return stack
-
-
-class Batches:
-  """The iterator `train_iterator` and `eval_iterator` return: Grain's batches, with the
-  undecodable images skipped so far (`skip_bad_images=True`) reported and counted.
-
-  Attributes:
-    bad_images: {where (file or example, split, dataset): times skipped} in the batches yielded.
-  """
-
-  def __init__(self, iterator: Iterator[Batch], *, skipping: str,
-               summary: Optional[Callable[[int], str]] = None):
-    self._iterator, self._skipping, self._summary = iterator, skipping, summary
-    self.bad_images: collections.Counter = collections.Counter()
-
-  def __iter__(self) -> "Batches":
-    return self
-
-  def __next__(self) -> Batch:
-    try:
-      batch = next(self._iterator)
-    except StopIteration:
-      if self.bad_images and self._summary:
-        _warn(self._summary(sum(self.bad_images.values())))
-      raise
-    except BaseException:
-      self.close()  # worker processes and threads end with the error, not at exit
-      raise
-    for where, reason in batch.pop(_BAD, ()):
-      self.bad_images[where] += 1
-      if where not in _WARNED:
-        _WARNED.add(where)
-        _warn(f"skipped {where}, which cannot be decoded ({reason}); {self._skipping} "
-              f"(config.skip_bad_images=True), {len(self.bad_images)} undecodable image"
-              f"{'s' if len(self.bad_images) > 1 else ''} so far.")
-    return batch
-
-  def close(self) -> None:
-    close = getattr(self._iterator, "close", None)
-    if close is not None:
-      close()
-
-
-def _warn(line: str) -> None:
-  print(f"warning: {line}", file=sys.stderr, flush=True)
-
-
-def _iterate(batches: grain.MapDataset, prefetch: int, worker_count: int) -> Iterator[Batch]:
-  # One thread per batch in flight: decoding (PIL) and numpy release the GIL for the larger
-  # images, and for tiny ones the threads still overlap input work with the device step.
-  read_options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
-  stream = batches.to_iter_dataset(read_options)
-  if worker_count > 0:
-    if not flags.FLAGS.is_parsed():
-      # Grain's workers read Grain's absl flags; a program not started by absl.app.run has not
-      # parsed them, and then their defaults are what it means.
-      flags.FLAGS.mark_as_parsed()
-    # Grain slices the batches over the processes and interleaves them back in order, so the
-    # output does not depend on worker_count. An error in a worker (a ValueError sentence) is
-    # raised again in this process, unchanged.
-    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return iter(stream)
-
-
 def _open_for_reading(dataset: str, split: str, preprocess: str, field: str,
                       data_dir: Optional[str], manual_dir: Optional[str],
                       skip_bad_images: bool
@@ -217,29 +136,30 @@ def train_iterator(*, dataset: str, split: str, preprocess: str, global_batch_si
     bad, draws = [], None
     for _ in range(_MAX_DRAWS):
       try:
-        return {**reader(index, np.random.default_rng([seed, position])), _BAD: bad}
+        return {**reader(index, np.random.default_rng([seed, position])), batching.BAD: bad}
       except BadImageError as error:
         bad.append((error.where, error.reason))
         if draws is None:
           draws = np.random.default_rng([seed, position, 1])
         index = int(draws.integers(num_examples))
     raise ValueError(
-        f"{_MAX_DRAWS} examples drawn in a row from split {split!r} of config.dataset={dataset!r} "
+        f"{_MAX_DRAWS} examples drawn in a row from split {split!r} of "
+        f"config.dataset={dataset!r} "
         f"cannot be decoded, {bad[0][0]} among them ({bad[0][1]}); most of the split is "
         "unreadable, so repair the data rather than skip it.")
 
-  # Grain seeds epoch e with shuffle_seed + e; mixing the seed first keeps seed 1's first epoch
-  # from being seed 0's second one. Shuffling the indices permutes exactly as shuffling the
-  # records would, and lets a failure name its example.
-  shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-  stream = grain.MapDataset.range(num_examples).shuffle(seed=shuffle_seed).repeat()
-  stream = stream.map_with_index(example_at)
+  # Shuffling the indices permutes exactly as shuffling the records would, and lets a failure
+  # name its example. range(N).repeat() gives position p its offset p % N in its epoch.
+  order = batching.EpochOrder(seed, num_examples)
+  stream = grain.MapDataset.range(num_examples).repeat().map_with_index(
+      lambda position, offset: example_at(position, order(position, offset)))
   # Local batch j holds positions [j * local, (j + 1) * local), so global step s is local batches
   # s * process_count ... s * process_count + process_count - 1.
   first_batch = start_step * process_count + process_index
-  batches = stream.batch(local_batch_size, batch_fn=_stack_fn(TRAIN_FIELD, preprocess))
+  batches = stream.batch(local_batch_size, batch_fn=batching.stack_fn(TRAIN_FIELD, preprocess))
   batches = batches[first_batch::process_count]
-  return Batches(_iterate(batches, prefetch, worker_count),
+  return Batches(batching.iterate(batches, batching.finish_fn(reader.finish), prefetch,
+                                 worker_count),
                  skipping="another example of the split takes its place each time it comes up")
 
 
@@ -288,7 +208,7 @@ def eval_iterator(*, dataset: str, split: str, preprocess: str, global_batch_siz
                      "decoded; repair the data.")
   padding = {**{key: np.zeros_like(value) for key, value in first.items()}, "mask": np.float32(0)}
   if skip_bad_images:
-    padding[_BAD] = []
+    padding[batching.BAD] = []
 
   def example_at(position: int) -> Batch:
     if position >= num_examples:
@@ -298,15 +218,16 @@ def eval_iterator(*, dataset: str, split: str, preprocess: str, global_batch_siz
     except BadImageError as error:
       if not skip_bad_images:
         raise
-      return {**padding, _BAD: [(error.where, error.reason)]}
-    return {**example, "mask": np.float32(1), **({_BAD: []} if skip_bad_images else {})}
+      return {**padding, batching.BAD: [(error.where, error.reason)]}
+    return {**example, "mask": np.float32(1), **({batching.BAD: []} if skip_bad_images else {})}
 
   positions = grain.MapDataset.range(num_batches * global_batch_size)
   batches = positions.map(example_at).batch(local_batch_size,
-                                            batch_fn=_stack_fn(EVAL_FIELD, preprocess))
+                                            batch_fn=batching.stack_fn(EVAL_FIELD, preprocess))
   batches = batches[process_index::process_count]
   return Batches(
-      _iterate(batches, prefetch=2, worker_count=0), skipping="it is left out of the evaluation",
+      batching.iterate(batches, batching.finish_fn(reader.finish), prefetch=2, worker_count=0),
+      skipping="it is left out of the evaluation",
       summary=lambda count: (
           f"{count} undecodable image{'s were' if count > 1 else ' was'} left out of this "
           f"evaluation of split {split!r}, which covers the rest (config.skip_bad_images=True)."))

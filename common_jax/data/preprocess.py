@@ -6,205 +6,33 @@
 
 `parse` turns such a string into one function `(example, rng) -> example`; `check` also makes
 sure a whole config string starts with `decode` (`pipeline.check_preprocess` is the full check,
-every error one sentence naming the config field). Each op name maps, in the `OPS` dict at the
-bottom of this file (the whole registry), to a factory: called with the op's literal arguments
-it checks them and returns `op(example, rng) -> example`. An example is a dict
+every error one sentence naming the config field). Each op name maps, in the `OPS` dict below
+(the whole registry), to a factory (in `common_jax.data.ops`): called with the op's literal
+arguments it checks them and returns `op(example, rng) -> example`. An example is a dict
 of numpy values; "image" is encoded bytes or an array before `decode`, uint8 [height, width, 3]
 after it, float32 [height, width, 3] after `value_range`. Random ops draw only from the
 `np.random.Generator` they are handed, which the pipeline seeds from (seed, position of the example
 in the stream): augmentation is then reproducible and independent of threads or resumption.
-Adding an op is a factory plus one line in `OPS`; the loop never changes.
+Adding an op is a factory in ops.py plus one line in `OPS`; the loop never changes.
+
+Two things keep the pipeline's per-image work down, neither changing a bit of the output
+(tests/test_data.py checks): an op may have a PIL twin (`_with_pil`), so that a decoded file
+stays a PIL image through crops, resizes and flips and becomes numpy once; and the pipeline
+stops each example before a final `value_range` (`parse_for_batches`), keeping it uint8, and
+writes that value_range straight into the example's row of the float32 batch.
 """
 
 import ast
 import inspect
-import io
-import math
-from typing import Any, Callable, Sequence, Union
+from typing import Callable, Sequence
 
 import numpy as np
 import PIL.Image
 
-Example = dict[str, Any]
-Op = Callable[[Example, np.random.Generator], Example]
-Size = Union[int, Sequence[int]]
-
-
-class BadImageError(ValueError):
-  """An image that cannot be decoded. `decode` raises it with the reason only; the pipeline raises
-  it again as one sentence naming the file or example, the split and the fix."""
-
-
-def image_error_reason(error: BaseException) -> str:
-  """Why an image reader failed, as a clause for a one-sentence message."""
-  if isinstance(error, PIL.UnidentifiedImageError):
-    return "PIL recognises no image format in it"
-  text = " ".join(str(error).split()).rstrip(".").replace(". ", "; ")
-  text = text or type(error).__name__
-  return text if len(text) <= 200 else text[:200] + "..."
-
-
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _height_width(size: Size) -> tuple[int, int]:
-  """An int (square) or [height, width] -> (height, width), both positive ints."""
-  if _is_int(size):
-    height, width = size, size
-  elif isinstance(size, (list, tuple)) and len(size) == 2:
-    height, width = size
-  else:
-    height = width = None
-  if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
-    raise ValueError(f"size must be a positive int or [height, width] of positive ints, "
-                     f"got {size!r}")
-  return height, width
-
-
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Bilinear (antialiased when shrinking) resize of [h, w, c] to [height, width, c], same dtype."""
-  if image.dtype == np.uint8:
-    return np.asarray(PIL.Image.fromarray(image).resize((width, height), PIL.Image.BILINEAR))
-  # PIL resizes float images one channel at a time (mode "F").
-  channels = [PIL.Image.fromarray(image[:, :, c].astype(np.float32)).resize(
-      (width, height), PIL.Image.BILINEAR) for c in range(image.shape[2])]
-  return np.stack([np.asarray(c) for c in channels], axis=2).astype(image.dtype)
-
-
-def _crop(image: np.ndarray, top: int, left: int, height: int, width: int, name: str) -> np.ndarray:
-  if height > image.shape[0] or width > image.shape[1]:
-    raise ValueError(f"{name} of {height}x{width} does not fit an image of shape {image.shape}; "
-                     "resize first (resize_small keeps the aspect ratio) or crop smaller.")
-  return image[top:top + height, left:left + width]
-
-
-def decode() -> Op:
-  """Encoded bytes (PNG/JPEG/...) or a uint8 array -> "image" uint8 [height, width, 3] (RGB).
-
-  Bytes no image reader can decode raise `BadImageError` with the reason; the pipeline names the
-  file or example.
-  """
-  def op(example, rng):
-    image = example["image"]
-    if isinstance(image, np.ndarray) and image.dtype == object:
-      image = image.item()
-    if isinstance(image, bytes):
-      try:
-        with PIL.Image.open(io.BytesIO(image)) as pil_image:
-          image = np.asarray(pil_image.convert("RGB"))
-      except Exception as error:  # pylint: disable=broad-except  # OSError, SyntaxError, zlib...
-        raise BadImageError(image_error_reason(error)) from None
-    else:
-      image = np.asarray(image, np.uint8)
-      if image.ndim == 2:
-        image = image[:, :, None]
-      # Grey becomes RGB so that every dataset yields 3 channels; an alpha channel is dropped.
-      image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
-    return {**example, "image": image}
-  return op
-
-
-def resize(size: Size) -> Op:
-  """Resizes to `size` (int: square, or [height, width]) ignoring the aspect ratio."""
-  height, width = _height_width(size)
-  return lambda example, rng: {**example, "image": _resize(example["image"], height, width)}
-
-
-def resize_small(size: int) -> Op:
-  """Resizes, keeping the aspect ratio, so that the shorter side is `size`."""
-  if not (_is_int(size) and size > 0):
-    raise ValueError(f"size must be a positive int, got {size!r}")
-  def op(example, rng):
-    image = example["image"]
-    scale = size / min(image.shape[0], image.shape[1])
-    height, width = max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
-    return {**example, "image": _resize(image, height, width)}
-  return op
-
-
-def central_crop(size: Size) -> Op:
-  """Crops the central `size` (int: square, or [height, width])."""
-  height, width = _height_width(size)
-  def op(example, rng):
-    image = example["image"]
-    top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
-    return {**example, "image": _crop(image, top, left, height, width, "central_crop")}
-  return op
-
-
-def random_crop(size: Size, pad: int = 0) -> Op:
-  """Zero-pads each border by `pad` pixels, then crops `size` at a uniformly random offset."""
-  height, width = _height_width(size)
-  if not (_is_int(pad) and pad >= 0):
-    raise ValueError(f"pad must be a non-negative int, got {pad!r}")
-  def op(example, rng):
-    image = np.pad(example["image"], ((pad, pad), (pad, pad), (0, 0)))
-    top = int(rng.integers(0, max(image.shape[0] - height, 0) + 1))
-    left = int(rng.integers(0, max(image.shape[1] - width, 0) + 1))
-    return {**example, "image": _crop(image, top, left, height, width, "random_crop")}
-  return op
-
-
-def inception_crop(size: Size, area_min: float = 5, area_max: float = 100) -> Op:
-  """Inception-style crop: a random box of `area_min`..`area_max` percent of the image area and
-  aspect ratio in [3/4, 4/3] (log-uniform), resized to `size`; the whole image after 10 misses."""
-  height, width = _height_width(size)
-  if not (_is_number(area_min) and _is_number(area_max) and 0 < area_min <= area_max <= 100):
-    raise ValueError(f"need 0 < area_min <= area_max <= 100 (percent), got {area_min}, {area_max}")
-  def op(example, rng):
-    image = example["image"]
-    image_height, image_width = image.shape[:2]
-    box = (0, 0, image_height, image_width)
-    for _ in range(10):
-      area = image_height * image_width * rng.uniform(area_min, area_max) / 100
-      aspect_ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))  # width / height
-      crop_width = round(math.sqrt(area * aspect_ratio))
-      crop_height = round(math.sqrt(area / aspect_ratio))
-      if 0 < crop_height <= image_height and 0 < crop_width <= image_width:
-        top = int(rng.integers(0, image_height - crop_height + 1))
-        left = int(rng.integers(0, image_width - crop_width + 1))
-        box = (top, left, crop_height, crop_width)
-        break
-    image = _crop(image, *box, "inception_crop")
-    return {**example, "image": _resize(image, height, width)}
-  return op
-
-
-def flip_lr() -> Op:
-  """Mirrors the image left-right with probability 1/2."""
-  def op(example, rng):
-    if rng.random() < 0.5:
-      return {**example, "image": example["image"][:, ::-1]}
-    return example
-  return op
-
-
-def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: float = 255) -> Op:
-  """Maps pixel values linearly from [in_min, in_max] to [vmin, vmax]; "image" becomes float32."""
-  values = dict(vmin=vmin, vmax=vmax, in_min=in_min, in_max=in_max)
-  for name, value in values.items():
-    if not _is_number(value):
-      raise ValueError(f"{name} must be a finite number, got {value!r}")
-  if vmin == vmax:
-    raise ValueError(f"vmin and vmax must differ (both are {vmin}), or every pixel becomes {vmin}")
-  if in_max == in_min:
-    raise ValueError(f"in_min and in_max must differ (both are {in_min})")
-  scale = (vmax - vmin) / (in_max - in_min)
-  def op(example, rng):
-    # vmin + (image - in_min) * scale in float32, computed inside one fresh array: written as an
-    # expression it allocates four float32 temporaries per image (600 kB each at 224x224).
-    # Same operations in the same order, so the same bits (tests/test_data.py checks).
-    image = np.array(example["image"], np.float32)  # a copy: the input is never written
-    np.subtract(image, in_min, out=image)
-    np.multiply(image, scale, out=image)
-    np.add(image, vmin, out=image)
-    return {**example, "image": image}
-  return op
+# The ops (common_jax/data/ops.py); their names here are what the pipeline and tests use.
+from common_jax.data.ops import (  # pylint: disable=unused-import
+    BadImageError, Example, Op, central_crop, decode, flip_lr, image_error_reason,
+    inception_crop, random_crop, resize, resize_small, value_range)
 
 
 OPS: dict[str, Callable[..., Op]] = {
@@ -270,6 +98,24 @@ def parse_ops(spec: str, field: str = "preprocess") -> list[tuple[str, Op]]:
   return [_parse_op(text.strip(), spec, field) for text in spec.split("|")]
 
 
+def _as_array(example: Example) -> Example:
+  image = example["image"]
+  if isinstance(image, PIL.Image.Image):
+    return {**example, "image": np.asarray(image)}
+  return example
+
+
+def _compose(ops: Sequence[Op]) -> Op:
+  def preprocess(example: Example, rng: np.random.Generator) -> Example:
+    # A file stays a PIL image from `decode` through the ops that have a PIL twin (`_with_pil`):
+    # crop, resize and flip without a numpy copy of the image between them.
+    for op in ops:
+      pil = getattr(op, "pil", None)
+      example = pil(example, rng) if pil is not None else op(_as_array(example), rng)
+    return _as_array(example)
+  return preprocess
+
+
 def parse(spec: str, field: str = "preprocess") -> Op:
   """"op1|op2(args)|..." -> one function (example, rng) -> example applying the ops in order.
 
@@ -280,13 +126,32 @@ def parse(spec: str, field: str = "preprocess") -> Op:
     ValueError naming `field` and the op string, for an unknown op, a syntax error or bad
     arguments.
   """
-  ops = [op for _, op in parse_ops(spec, field)]
+  return _compose([op for _, op in parse_ops(spec, field)])
 
-  def preprocess(example: Example, rng: np.random.Generator) -> Example:
-    for op in ops:
-      example = op(example, rng)
-    return example
-  return preprocess
+
+def parse_for_batches(spec: str, field: str = "preprocess"
+                      ) -> tuple[Op, Callable[[np.ndarray, np.ndarray], None]]:
+  """`parse`, split for a pipeline that stacks examples into float32 batches:
+  (per_example, finish).
+
+  per_example(example, rng) applies every op but a final `value_range`, so "image" is still
+  uint8 after `decode` and the geometric ops; finish(image, out) writes that final value_range of
+  `image` (without one: `image` as float32) into `out`, a float32 row of the batch. Then
+  finish(per_example(example, rng)["image"], out) puts `parse(spec)(example, rng)["image"]` into
+  `out`, bit for bit (tests/test_data.py checks), with no float32 image per example: the
+  examples travel and are stacked as uint8, a quarter of the bytes.
+  """
+  ops = [op for _, op in parse_ops(spec, field)]
+  finish = getattr(ops[-1], "into", None)
+  if finish is not None:
+    ops = ops[:-1]
+  else:
+    finish = _cast_into
+  return _compose(ops), finish
+
+
+def _cast_into(image: np.ndarray, out: np.ndarray) -> None:
+  out[...] = image  # as image.astype(np.float32)
 
 
 def check(spec: str, field: str) -> list[str]:

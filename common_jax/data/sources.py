@@ -144,6 +144,10 @@ def check_readable(builder: tfds.core.DatasetBuilder, dataset: str, split: str,
 class Reader:
   """Example `index` of a split: read, preprocessed and checked, any failure in one sentence.
 
+  The preprocessing stops short of a final `value_range`, which `finish(image, out)` writes into
+  a row of a float32 batch (`preprocess.parse_for_batches`): the image of a row is uint8 for
+  the usual strings, float32 only where an op before the last made it so.
+
   An image that cannot be decoded (by the source, as catalogue datasets decode when read, or by
   the `decode` op) raises `BadImageError` with `where` (the file or example) and `reason`; any
   other ValueError of an op is the preprocessing string's, and names `field`.
@@ -152,7 +156,7 @@ class Reader:
   def __init__(self, source, *, dataset: str, split: str, preprocess: str, field: str):
     self.source, self.dataset, self.split = source, dataset, split
     self.preprocess, self.field = preprocess, field
-    self.ops = preprocess_lib.parse(preprocess, field)
+    self.ops, self.finish = preprocess_lib.parse_for_batches(preprocess, field)
 
   def where(self, index: int, record: Optional[dict[str, Any]], short: bool = False) -> str:
     """"image 'train/cat/1.png' (example 7 of split 'train' of config.dataset=...)", or without
@@ -197,7 +201,7 @@ class Reader:
           f"{self.field}={self.preprocess!r} gives {self.where(index, record)} a "
           f"{getattr(image, 'shape', type(image).__name__)} image, not [height, width, 3]; start "
           "it with 'decode'.")
-    return {"image": image.astype(np.float32, copy=False), "label": np.int32(example["label"])}
+    return {"image": image, "label": np.int32(example["label"])}
 
 
 def check_one_size(reader: Reader, builder: tfds.core.DatasetBuilder) -> None:

@@ -1,0 +1,264 @@
+"""The preprocessing ops themselves (`common_jax.data.preprocess` names them in config strings
+and parses the strings): each a factory that checks its literal arguments and returns
+`op(example, rng) -> example`. A decoded file may stay a PIL image through crops, resizes and
+flips (an op's PIL twin, `_with_pil`) and becomes numpy once, bit for bit what the numpy ops give.
+"""
+
+import io
+import math
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import PIL.Image
+
+Example = dict[str, Any]
+Op = Callable[[Example, np.random.Generator], Example]
+Size = Union[int, Sequence[int]]
+
+
+class BadImageError(ValueError):
+  """An image that cannot be decoded. `decode` raises it with the reason only; the pipeline raises
+  it again as one sentence naming the file or example, the split and the fix."""
+
+
+def image_error_reason(error: BaseException) -> str:
+  """Why an image reader failed, as a clause for a one-sentence message."""
+  if isinstance(error, PIL.UnidentifiedImageError):
+    return "PIL recognises no image format in it"
+  text = " ".join(str(error).split()).rstrip(".").replace(". ", "; ")
+  text = text or type(error).__name__
+  return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _height_width(size: Size) -> tuple[int, int]:
+  """An int (square) or [height, width] -> (height, width), both positive ints."""
+  if _is_int(size):
+    height, width = size, size
+  elif isinstance(size, (list, tuple)) and len(size) == 2:
+    height, width = size
+  else:
+    height = width = None
+  if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
+    raise ValueError(f"size must be a positive int or [height, width] of positive ints, "
+                     f"got {size!r}")
+  return height, width
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bilinear (antialiased when shrinking) resize of [h, w, c] to [height, width, c], same dtype."""
+  if image.dtype == np.uint8:
+    return np.asarray(PIL.Image.fromarray(image).resize((width, height), PIL.Image.BILINEAR))
+  # PIL resizes float images one channel at a time (mode "F").
+  channels = [PIL.Image.fromarray(image[:, :, c].astype(np.float32)).resize(
+      (width, height), PIL.Image.BILINEAR) for c in range(image.shape[2])]
+  return np.stack([np.asarray(c) for c in channels], axis=2).astype(image.dtype)
+
+
+def _check_fits(shape: tuple[int, ...], height: int, width: int, name: str) -> None:
+  if height > shape[0] or width > shape[1]:
+    raise ValueError(f"{name} of {height}x{width} does not fit an image of shape {shape}; "
+                     "resize first (resize_small keeps the aspect ratio) or crop smaller.")
+
+
+def _crop(image: np.ndarray, top: int, left: int, height: int, width: int, name: str) -> np.ndarray:
+  _check_fits(image.shape, height, width, name)
+  return image[top:top + height, left:left + width]
+
+
+def _shape(image: PIL.Image.Image) -> tuple[int, int, int]:
+  """The shape of the numpy array of a decoded (RGB) PIL image."""
+  return image.height, image.width, 3
+
+
+def _with_pil(op: Op, on_pil: Callable[[PIL.Image.Image, np.random.Generator], PIL.Image.Image]
+              ) -> Op:
+  """`op`, with a twin `op.pil` that also takes "image" as a decoded RGB PIL image and returns
+  one: the same pixels `op` gives for that image as an array, with the same draws from the rng
+  (tests/test_data.py checks). `parse` uses the twins to keep a decoded file in PIL from `decode`
+  to the last op that has one, converting to numpy once instead of at every op."""
+  def pil(example, rng):
+    image = example["image"]
+    if isinstance(image, PIL.Image.Image):
+      return {**example, "image": on_pil(image, rng)}
+    return op(example, rng)
+  op.pil = pil
+  return op
+
+
+def _open(encoded: bytes) -> PIL.Image.Image:
+  """Encoded bytes -> a decoded PIL image in mode RGB; `BadImageError` with the reason."""
+  try:
+    with PIL.Image.open(io.BytesIO(encoded)) as pil_image:
+      pil_image.load()
+      # convert() returns a copy even of an RGB image; the file is closed either way.
+      return pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB")
+  except Exception as error:  # pylint: disable=broad-except  # OSError, SyntaxError, zlib...
+    raise BadImageError(image_error_reason(error)) from None
+
+
+def _array_to_rgb(image: Any) -> np.ndarray:
+  image = np.asarray(image, np.uint8)
+  if image.ndim == 2:
+    image = image[:, :, None]
+  # Grey becomes RGB so that every dataset yields 3 channels; an alpha channel is dropped.
+  return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
+
+
+def _stored(example: Example) -> Any:
+  image = example["image"]
+  if isinstance(image, np.ndarray) and image.dtype == object:
+    image = image.item()
+  return image
+
+
+def decode() -> Op:
+  """Encoded bytes (PNG/JPEG/...) or a uint8 array -> "image" uint8 [height, width, 3] (RGB).
+
+  Bytes no image reader can decode raise `BadImageError` with the reason; the pipeline names the
+  file or example.
+  """
+  def op(example, rng):
+    image = _stored(example)
+    if isinstance(image, bytes):
+      return {**example, "image": np.asarray(_open(image))}
+    return {**example, "image": _array_to_rgb(image)}
+
+  def on_pil(example, rng):
+    # Bytes stay a PIL image for the ops that follow (see `_with_pil`).
+    image = _stored(example)
+    if isinstance(image, bytes):
+      return {**example, "image": _open(image)}
+    return {**example, "image": _array_to_rgb(image)}
+  op.pil = on_pil
+  return op
+
+
+def resize(size: Size) -> Op:
+  """Resizes to `size` (int: square, or [height, width]) ignoring the aspect ratio."""
+  height, width = _height_width(size)
+  op = lambda example, rng: {**example, "image": _resize(example["image"], height, width)}
+  return _with_pil(op, lambda image, rng: image.resize((width, height), PIL.Image.BILINEAR))
+
+
+def resize_small(size: int) -> Op:
+  """Resizes, keeping the aspect ratio, so that the shorter side is `size`."""
+  if not (_is_int(size) and size > 0):
+    raise ValueError(f"size must be a positive int, got {size!r}")
+  def new_size(image_height, image_width):
+    scale = size / min(image_height, image_width)
+    return max(1, round(image_height * scale)), max(1, round(image_width * scale))
+  def op(example, rng):
+    image = example["image"]
+    return {**example, "image": _resize(image, *new_size(*image.shape[:2]))}
+  def on_pil(image, rng):
+    height, width = new_size(image.height, image.width)
+    return image.resize((width, height), PIL.Image.BILINEAR)
+  return _with_pil(op, on_pil)
+
+
+def central_crop(size: Size) -> Op:
+  """Crops the central `size` (int: square, or [height, width])."""
+  height, width = _height_width(size)
+  def op(example, rng):
+    image = example["image"]
+    top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
+    return {**example, "image": _crop(image, top, left, height, width, "central_crop")}
+  def on_pil(image, rng):
+    _check_fits(_shape(image), height, width, "central_crop")
+    top, left = (image.height - height) // 2, (image.width - width) // 2
+    return image.crop((left, top, left + width, top + height))
+  return _with_pil(op, on_pil)
+
+
+def random_crop(size: Size, pad: int = 0) -> Op:
+  """Zero-pads each border by `pad` pixels, then crops `size` at a uniformly random offset."""
+  height, width = _height_width(size)
+  if not (_is_int(pad) and pad >= 0):
+    raise ValueError(f"pad must be a non-negative int, got {pad!r}")
+  def op(example, rng):
+    image = np.pad(example["image"], ((pad, pad), (pad, pad), (0, 0)))
+    top = int(rng.integers(0, max(image.shape[0] - height, 0) + 1))
+    left = int(rng.integers(0, max(image.shape[1] - width, 0) + 1))
+    return {**example, "image": _crop(image, top, left, height, width, "random_crop")}
+  return op
+
+
+def inception_crop(size: Size, area_min: float = 5, area_max: float = 100) -> Op:
+  """Inception-style crop: a random box of `area_min`..`area_max` percent of the image area and
+  aspect ratio in [3/4, 4/3] (log-uniform), resized to `size`; the whole image after 10 misses."""
+  height, width = _height_width(size)
+  if not (_is_number(area_min) and _is_number(area_max) and 0 < area_min <= area_max <= 100):
+    raise ValueError(f"need 0 < area_min <= area_max <= 100 (percent), got {area_min}, {area_max}")
+  def box(rng, image_height, image_width):
+    """(top, left, height, width) of the crop."""
+    for _ in range(10):
+      area = image_height * image_width * rng.uniform(area_min, area_max) / 100
+      aspect_ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))  # width / height
+      crop_width = round(math.sqrt(area * aspect_ratio))
+      crop_height = round(math.sqrt(area / aspect_ratio))
+      if 0 < crop_height <= image_height and 0 < crop_width <= image_width:
+        top = int(rng.integers(0, image_height - crop_height + 1))
+        left = int(rng.integers(0, image_width - crop_width + 1))
+        return top, left, crop_height, crop_width
+    return 0, 0, image_height, image_width
+  def op(example, rng):
+    image = example["image"]
+    image = _crop(image, *box(rng, *image.shape[:2]), "inception_crop")
+    return {**example, "image": _resize(image, height, width)}
+  def on_pil(image, rng):
+    top, left, crop_height, crop_width = box(rng, image.height, image.width)
+    # Cropping first, not resize(box=...), which would blend in pixels outside the box.
+    if (crop_height, crop_width) != (image.height, image.width):
+      image = image.crop((left, top, left + crop_width, top + crop_height))
+    return image.resize((width, height), PIL.Image.BILINEAR)
+  return _with_pil(op, on_pil)
+
+
+def flip_lr() -> Op:
+  """Mirrors the image left-right with probability 1/2."""
+  def op(example, rng):
+    if rng.random() < 0.5:
+      return {**example, "image": example["image"][:, ::-1]}
+    return example
+  def on_pil(image, rng):
+    return image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+  return _with_pil(op, on_pil)
+
+
+def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: float = 255) -> Op:
+  """Maps pixel values linearly from [in_min, in_max] to [vmin, vmax]; "image" becomes float32."""
+  values = dict(vmin=vmin, vmax=vmax, in_min=in_min, in_max=in_max)
+  for name, value in values.items():
+    if not _is_number(value):
+      raise ValueError(f"{name} must be a finite number, got {value!r}")
+  if vmin == vmax:
+    raise ValueError(f"vmin and vmax must differ (both are {vmin}), or every pixel becomes {vmin}")
+  if in_max == in_min:
+    raise ValueError(f"in_min and in_max must differ (both are {in_min})")
+  scale = (vmax - vmin) / (in_max - in_min)
+  def into(image, out):
+    # vmin + (image - in_min) * scale in float32, written into `out`: each ufunc casts its input
+    # to float32 as it reads it, so no temporaries (written as an expression, four float32 arrays
+    # of 600 kB at 224x224). The same operations in the same order, so the same bits
+    # (tests/test_data.py checks); subtracting 0 changes no float, so it is left out.
+    if in_min != 0:
+      np.subtract(image, in_min, out=out, dtype=np.float32)
+      np.multiply(out, scale, out=out)
+    else:
+      np.multiply(image, scale, out=out, dtype=np.float32)
+    np.add(out, vmin, out=out)
+  def op(example, rng):
+    image = example["image"]
+    out = np.empty(np.shape(image), np.float32)  # the input is never written
+    into(image, out)
+    return {**example, "image": out}
+  op.into = into  # the pipeline writes a final value_range straight into the batch
+  return op
