@@ -67,7 +67,7 @@ ConfigError = family_lib.ConfigError
 LOOP_FIELDS = ("seed", "batch_size", "accum_steps", "total_steps", "log_every", "eval_every",
                "checkpoint_every", "keep_checkpoints", "on_nonfinite")
 RUN_FIELDS = ("task", "num_classes", "image_size", "init_from", "model", "optimizer", "mesh",
-              "sharding_rules", "allow_config_change", "device_memory_gb") + LOOP_FIELDS
+              "sharding_rules", "allow_config_change", "device_memory_gb", "sweep") + LOOP_FIELDS
 
 
 def prepare(config, workdir: str, mode: str = "train",
@@ -110,7 +110,8 @@ def read(config, workdir: str, mode: str = "train",
                                        "config"),
       allow_config_change=config.allow_config_change,
       device_memory_gb=float(config.device_memory_gb),
-      config_json=config.to_json_best_effort(indent=2), export=export)
+      config_json=config.to_json_best_effort(indent=2), export=export,
+      sweep=tuple(config.sweep))
   return family, run
 
 

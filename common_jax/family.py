@@ -17,6 +17,7 @@ no task: a new task or mode touches only its family. Families are found by modul
 (`FAMILY_MODULES`), imported on first use; `register` adds one from elsewhere.
 """
 
+import dataclasses
 import importlib
 import json
 import os
@@ -30,6 +31,7 @@ import optax
 from common_jax import checkpoint
 from common_jax import optim
 from common_jax import sharding
+from common_jax import sweep as sweep_lib
 from common_jax import task as task_lib
 from common_jax import train
 from common_jax import weights
@@ -47,6 +49,8 @@ EXIT_BAD_INPUT = 2  # one `error:` sentence; nothing was computed or changed
 EXIT_DIVERGED = 3  # a non-finite loss or gradient norm; the last good checkpoint is kept
 EXIT_SAVE_FAILED = 74  # a checkpoint could not be written (disk full?); the previous one is kept
 EXIT_STOPPED = 75  # SIGTERM/SIGINT: a checkpoint was saved, run the same command again
+# Loop fields a sweep entry may set (common_jax.sweep).
+LOOP_FIELDS = tuple(field.name for field in dataclasses.fields(train.LoopConfig))
 _REGISTERED: List["Family"] = []
 
 
@@ -63,7 +67,7 @@ class Family:
 
   def __init__(self):
     self.modes: Dict[str, Callable[[Run], int]] = {
-        "train": self.train, "eval": self.evaluate, "plan": self.plan}
+        "train": self.train, "eval": self.evaluate, "plan": self.plan, "sweep": self.sweep}
     if self.export_formats:
       self.modes["export"] = self.export
 
@@ -136,7 +140,7 @@ class Family:
 
   def run_mode(self, run: Run) -> int:
     """Runs `run.mode` (checked already), holding the workdir's lock when the mode writes."""
-    if run.mode not in self.writing_modes:
+    if not self.writes(run.mode):
       return self.modes[run.mode](run)
     with workdir_lib.lock(run.workdir):
       try:
@@ -188,8 +192,37 @@ class Family:
       data.check_preprocess(run.data.preprocess_eval, "config.preprocess_eval")
     self.check_settings(run)
     run.initial_params = self.initializer(run) if run.mode == "train" else None
-    if run.mode in self.writing_modes:  # last: a run refused above leaves no workdir behind
+    if run.mode == "sweep":  # each run's own checks, all before the first one trains
+      for name, overrides in sweep_lib.parse(run.sweep, LOOP_FIELDS):
+        self.check(sweep_lib.sub_run(self, run, name, overrides))
+    if self.writes(run.mode):  # last: a run refused above leaves no workdir behind
       check_workdir(run.workdir)
+
+  def writes(self, mode: str) -> bool:
+    """Whether `mode` writes into the workdir (which must then be writable and is locked)."""
+    return mode in self.writing_modes or mode == "sweep"
+
+  def sweep(self, run: Run) -> int:
+    """Trains every entry of `config.sweep` in `<workdir>/<name>` (see `common_jax.sweep`),
+    then writes the table of their results to `<workdir>/sweep.md` and `sweep.json`."""
+    rows = []
+    for name, overrides in sweep_lib.parse(run.sweep, LOOP_FIELDS):
+      sub = sweep_lib.sub_run(self, run, name, overrides)
+      self.check(sub)
+      print(f"sweep: run {name!r} ({', '.join(f'{k}={v}' for k, v in overrides.items())}) in "
+            f"{sub.workdir}", flush=True)
+      status = self.train(sub)
+      if status != EXIT_DONE:
+        return status
+      with open(os.path.join(sub.workdir, "result.json"), encoding="utf-8") as f:
+        rows.append({"name": name, "overrides": overrides, **json.load(f)})
+    headline = self.make_task(run).headline_metric
+    text = sweep_lib.table(rows, headline)
+    if is_main_process():
+      weights.write_text(os.path.join(run.workdir, "sweep.json"), json.dumps(rows, indent=2))
+      weights.write_text(os.path.join(run.workdir, "sweep.md"), text)
+    print(text + f"(also in {os.path.join(run.workdir, 'sweep.md')})", flush=True)
+    return EXIT_DONE
 
   def train(self, run: Run) -> int:
     """Trains (resuming from the workdir's latest checkpoint) and writes result.json."""

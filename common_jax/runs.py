@@ -66,6 +66,7 @@ class Run:
   device_memory_gb: float = 0.0  # plan: the memory of one device; 0 = what the device reports
   config_json: str = "{}"  # recorded as <workdir>/config.json by a fresh training run
   export: Optional[ExportRequest] = None
+  sweep: Tuple[str, ...] = ()  # --mode sweep: the runs to make (common_jax.sweep)
   initial_params: Optional[Callable[[Any], Any]] = None  # set by `Family.check`
 
   def train_data(self, start_step: int):

@@ -28,7 +28,7 @@ RESUME_FREE_FIELDS = (
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
     "allow_config_change", "init_from", "data_dir", "manual_dir", "data_workers", "data_cache",
     "eval_split", "eval_batch_size", "preprocess_eval", "mesh", "sharding_rules",
-    "model.attention_implementation", "model.remat_policy")
+    "model.attention_implementation", "model.remat_policy", "sweep")
 
 
 def _alive(pid: int) -> bool:

@@ -55,12 +55,21 @@ def base() -> ml_collections.ConfigDict:
   # --mode plan: memory of one accelerator in GiB to check the plan against (e.g. 80 for an
   # H100, 16 for a TPU v5e core); 0 = what the device reports (nothing on CPU).
   config.device_memory_gb = 0.0
+  # --mode sweep: one run per entry "<name>: <field>=<value>, ..." (common_jax/sweep.py).
+  config.sweep = ()
   return config
 
 
 def add_vit_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Fields only the ViT tasks read."""
   config.label_smoothing = 0.0  # training targets only; 0 = off (the paper uses none)
+  # --mode fewshot: ridge regression on frozen pre-logit features with this many training
+  # examples per class (drawn from train_split, config.fewshot_seeds draws), accuracy on eval_split.
+  config.fewshot_shots = (1, 5, 10, 25)
+  config.fewshot_seeds = 3
+  config.fewshot_l2 = 1024.0  # 2**10, as big_vision
+  config.eval_top5 = False  # evaluations also report top5_accuracy
+  config.mask_prob = 0.5  # task vit_masked_patch: the fraction of patches corrupted
   return config
 
 

@@ -20,7 +20,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = common.add_vit_fields(common.base())
   config.model = ml_collections.ConfigDict(dict(
       variant="custom", width=64, depth=4, mlp_dim=128, num_heads=4, patch_size=2,
-      classifier="gap", posemb="learn", representation_size=0, dropout_rate=0.1,
+      classifier="gap", posemb="learn", posemb_where="first", representation_size=0,
+      dropout_rate=0.1,
       dtype="float32", gelu_approximate=True, attention_implementation="",
       scan_layers=False, remat_policy="none"))
   config.dataset = "sklearn_digits"

@@ -40,7 +40,7 @@ def get_config(arg: str = "B/16,imagenet2012") -> ml_collections.ConfigDict:
       # Shape fields: 0 = the variant's number.
       variant=variant, width=0, depth=0, mlp_dim=0, num_heads=0, patch_size=0,
       # The paper's pre-training head: a pre-logits layer as wide as the model.
-      classifier="token", posemb="learn", representation_size=width,
+      classifier="token", posemb="learn", posemb_where="first", representation_size=width,
       dropout_rate=0.1, dtype="float32", gelu_approximate=True, attention_implementation="",
       scan_layers=False, remat_policy="none"))
   config.dataset = dataset

@@ -4,10 +4,11 @@ Features of layer l are the mean over positions of the normalised input of block
 `depth` is the final norm's output), as `ImageGPT.features` computes; all layers come from one
 forward pass per batch.
 
-The classifier is closed-form ridge regression on one-hot targets (features standardised with the
-training set's mean and standard deviation, an unpenalised bias, prediction = argmax). It is
-deterministic (linear solves in float64, no iteration; the cross-validation folds come from a
-fixed seed) and needs no learning-rate search. The ridge penalty is chosen from a grid by k-fold
+The classifier is closed-form ridge regression on one-hot targets (`common_jax.ridge`, which the
+ViT few-shot evaluation shares: features standardised with the training set's mean and standard
+deviation, an unpenalised bias, prediction = argmax). It is deterministic (linear solves in
+float64, no iteration; the cross-validation folds come from a fixed seed) and needs no
+learning-rate search. The ridge penalty is chosen from a grid by k-fold
 cross-validation on the training split, separately for each layer and for the pixels, so the test
 split only measures; `run.py --mode probe` also picks the best layer by cross-validated accuracy.
 The paper trained logistic regression instead, so absolute accuracies here can differ from its
@@ -16,11 +17,12 @@ numbers; comparisons between layers and against the raw-pixel baseline use the s
 These functions take arrays and iterables of arrays, never configs.
 """
 
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
 
+from common_jax import ridge
 from igpt_jax import models
 from igpt_jax import palette as palette_lib
 
@@ -77,51 +79,11 @@ DEFAULT_FOLDS = 5
 REPORT_KEYS = ("train_accuracy", "test_accuracy", "l2", "cv_accuracy")
 
 
-class _Ridge(NamedTuple):
-  """Fitted ridge probes: the prediction for x' with penalty i is
-  argmax((x' - x_mean) / x_scale @ weights[i] + target_mean)."""
-  x_mean: np.ndarray
-  x_scale: np.ndarray
-  target_mean: np.ndarray
-  weights: List[np.ndarray]  # [dim, classes], one per penalty
-
-
 def _fit(x: np.ndarray, targets: np.ndarray, l2s: Sequence[float],
-         gram: Optional[np.ndarray] = None) -> _Ridge:
-  """Ridge regression of one-hot targets [n, classes] on standardised x [n, dim], per penalty.
-
-  x is standardised here with its own mean and standard deviation, and the targets are centred,
-  which makes the (unpenalised) bias exact. `gram` = x.T @ x may be passed in when
-  dim <= n, so that cross-validation folds reuse one product (x should then be centred on a
-  superset, or the centring below loses precision).
-
-  Returns:
-    the fits, one weight matrix per penalty.
-  """
-  n, dim = x.shape
-  x_mean, target_mean = x.mean(axis=0), targets.mean(axis=0)
-  centred_targets = targets - target_mean
-  if dim <= n:
-    if gram is None:
-      centred = x - x_mean
-      gram = centred.T @ centred
-    else:  # Accurate when x is nearly centred already (cross_validate centres it).
-      gram = gram - n * np.outer(x_mean, x_mean)
-    x_scale = np.sqrt(np.maximum(np.diag(gram) / n, 0.0)) + 1e-6
-    gram = gram / np.outer(x_scale, x_scale)
-    rhs = (x.T @ centred_targets) / x_scale[:, None]  # x's mean drops out: the targets sum to 0
-    weights = [np.linalg.solve(gram + l2 * n * np.eye(dim), rhs) for l2 in l2s]
-  else:  # The dual form: an n x n system instead of dim x dim.
-    x_scale = x.std(axis=0) + 1e-6
-    standardised = (x - x_mean) / x_scale
-    gram = standardised @ standardised.T
-    weights = [standardised.T @ np.linalg.solve(gram + l2 * n * np.eye(n), centred_targets)
-               for l2 in l2s]
-  return _Ridge(x_mean, x_scale, target_mean, weights)
-
-
-def _predict(x: np.ndarray, fit: _Ridge, index: int) -> np.ndarray:
-  return np.argmax((x - fit.x_mean) / fit.x_scale @ fit.weights[index] + fit.target_mean, axis=1)
+         gram: Optional[np.ndarray] = None) -> ridge.Ridge:
+  """The shared ridge (`common_jax.ridge.fit`) of one-hot targets, with the probe's penalties
+  per example (the objective is a mean over the n examples, so each is scaled by n)."""
+  return ridge.fit(x, targets, [l2 * len(x) for l2 in l2s], gram)
 
 
 def _penalties(l2: Union[float, Sequence[float]]) -> Tuple[float, ...]:
@@ -174,7 +136,7 @@ def cross_validate(features: ArrayLike, labels: ArrayLike, *,
     fold_gram = gram - x[held].T @ x[held] if gram is not None and dim <= keep.sum() else None
     fit = _fit(x[keep], targets[keep], l2s, fold_gram)
     for i in range(len(l2s)):
-      correct[i] += np.sum(_predict(x[held], fit, i) == y[held])
+      correct[i] += np.sum(ridge.predict(x[held], fit, i) == y[held])
   return correct / n
 
 
@@ -220,7 +182,7 @@ def linear_probe(train_features: ArrayLike, train_labels: ArrayLike, test_featur
   fit = _fit(x_train, np.eye(num_classes)[y_train], l2s)
 
   def accuracy(x, y):
-    return float(np.mean(_predict(x, fit, 0) == y))
+    return float(np.mean(ridge.predict(x, fit, 0) == y))
 
   return {"train_accuracy": accuracy(x_train, y_train), "test_accuracy": accuracy(x_test, y_test),
           "l2": float(l2s[0]), "cv_accuracy": cv_accuracy,

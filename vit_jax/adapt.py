@@ -16,6 +16,7 @@ are read in the layout of the model they are loaded into (`common_jax.weights.in
 exports always write the official per-block layout.
 """
 
+import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -32,10 +33,12 @@ Flat = Dict[str, np.ndarray]
 POSEMB = "Transformer/posembed_input/pos_embedding"
 # The blocks: `Transformer/encoderblock_{i}/...`, or stacked under `Transformer/encoderblock/...`.
 BLOCKS = "Transformer/encoderblock"
-# The forward pass: embedding, cls, posemb, blocks 0..n, norm, pre_logits, head.
+# The forward pass: a hybrid's ResNet stem, embedding, cls, posemb, blocks 0..n, norm,
+# pre_logits, head.
 ORDER = trees.forward_order(
     r"^Transformer/encoderblock(?:_(\d+))?/",
-    early=("^embedding/", "^cls", "^Transformer/posembed_input/"),
+    early=(r"^(conv_root|gn_root|block\d+)/", "^embedding/", "^cls",
+           "^Transformer/posembed_input/"),
     late=("^Transformer/encoder_norm/", "^pre_logits/", "^head/"))
 
 
@@ -49,6 +52,8 @@ def model_fix(key: str) -> str:
     return "set posemb='learn' (the file has a learned position embedding)"
   if key.startswith(BLOCKS):
     return "set depth to the file's number of encoderblock_<i> entries"
+  if re.match(r"(conv_root|gn_root|block\d+)/", key):
+    return "build the hybrid variant the file was written for (e.g. 'R50+B/16')"
   return "build the model variant the file was written for"
 
 
@@ -59,6 +64,10 @@ def _shape_fix(key: str) -> str:
   if key.startswith(BLOCKS + "/"):  # stacked: the first axis is the number of blocks
     return ("build the model with the depth and variant the file was written for (the first "
             "axis of a scan_layers=True model's block parameters is the block)")
+  if key == "embedding/kernel":  # [P, P, channels in, width]: not 3 channels in = a hybrid's
+    return ("build the model with the variant the file was written for (its width and "
+            "patch_size; a kernel that reads other than 3 channels is a hybrid variant's, e.g. "
+            "'R50+B/16')")
   return ("build the model with the variant the file was written for (its width, mlp_dim, "
           "num_heads and patch_size)")
 
@@ -153,6 +162,9 @@ def plan(tensors: weights.Tensors, model: models.VisionTransformer,
     stored = {k: v for k, v in stored.items() if not k.startswith("head/")}
   if "pre_logits/kernel" not in target:  # dropped when the model has no representation layer
     stored = {k: v for k, v in stored.items() if not k.startswith("pre_logits/")}
+  # Masked patch pre-training's own parameters stay behind when fine-tuning (vit_jax.mpp).
+  stored = {k: v for k, v in stored.items()
+            if k in target or not (k == "mask_token" or k.startswith("mpp_head/"))}
   have, want = stored.get(POSEMB), target.get(POSEMB)
   resize = (have is not None and want is not None and have != want and len(have) == 3
             and have[0] == 1 and have[2] == want[2])
@@ -167,7 +179,7 @@ def plan(tensors: weights.Tensors, model: models.VisionTransformer,
       raise ValueError(f"`{POSEMB}` in {origin} has {have[1]} rows, which is not {num_tokens} "
                        "token row(s) plus a square grid; pass a file from a ViT with a square "
                        "patch grid.")
-    grid = model.image_size // model.patch_size
+    grid = model.image_size // model.effective_patch_size
     if grid * grid + num_tokens != want[1]:
       raise ValueError(f"`{POSEMB}` of the model has {want[1]} rows, not {num_tokens} + "
                        f"{grid}x{grid}; pass the model the variables belong to.")
@@ -181,7 +193,7 @@ def adapt(tensors: weights.Tensors, model: models.VisionTransformer, variables: 
   tensors = in_model_layout(tensors, model)
   target, fresh = _target(model, variables, rng)
   actions = plan(tensors, model, trees.flat_shapes(target))
-  grid = model.image_size // model.patch_size
+  grid = model.image_size // model.effective_patch_size
   out = {}
   for key, action in actions.items():
     dtype = target[key].dtype

@@ -1,17 +1,26 @@
 """The ViT family: its task, the config fields it reads, its checks, pretrained weights (an
 official .npz, a timm .safetensors or another run's workdir in `config.init_from`) and the
-export mode (`--format npz` in the official layout, `--format safetensors` with timm names)."""
+export mode (`--format npz` in the official layout, `--format safetensors` with timm names) and
+the fewshot mode (few-shot linear evaluation of the pre-logit features, `vit_jax.fewshot`)."""
 
 import dataclasses
-from typing import Any, Dict, Optional
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import vit_jax
 import math
 
+from common_jax import checkpoint
 from common_jax import family
 from common_jax import plan
 from common_jax import trees
 from common_jax import weights
+from vit_jax import attention_analysis
+from vit_jax import fewshot
+from vit_jax import models
+from vit_jax import mpp
 from vit_jax import tasks
 
 
@@ -19,21 +28,41 @@ from vit_jax import tasks
 class Settings:
   """Top-level config fields only ViT tasks read."""
   label_smoothing: float  # training targets only; evaluation uses the hard labels
+  # --mode fewshot: training examples per class, random draws, ridge penalty (configs/common.py)
+  fewshot_shots: Tuple[int, ...] = fewshot.DEFAULT_SHOTS
+  fewshot_seeds: int = fewshot.DEFAULT_SEEDS
+  fewshot_l2: float = fewshot.DEFAULT_L2
+  eval_top5: bool = False  # evaluations also report top5_accuracy
+  mask_prob: float = 0.5  # vit_masked_patch: the fraction of patches corrupted
+
+
+def _masked_patch(run: family.Run) -> mpp.MaskedPatchTask:
+  return mpp.MaskedPatchTask(variant=run.variant, image_size=run.image_size,
+                             model_options=run.model, mask_prob=run.settings.mask_prob)
 
 
 def _classification(run: family.Run) -> tasks.ClassificationTask:
   return tasks.ClassificationTask(
       variant=run.variant, num_classes=run.num_classes, image_size=run.image_size,
-      model_options=run.model, label_smoothing=run.settings.label_smoothing)
+      model_options=run.model, label_smoothing=run.settings.label_smoothing,
+      top5=run.settings.eval_top5)
 
 
 class VitFamily(family.Family):
-  """Supervised ViT classification (pre-training and fine-tuning)."""
+  """Supervised ViT classification (pre-training and fine-tuning) and masked patch prediction."""
 
   name = "ViT"
-  tasks = {"vit_classification": _classification}
+  tasks = {"vit_classification": _classification, "vit_masked_patch": _masked_patch}
   settings = Settings
   export_formats = ("npz", "safetensors")
+  # fewshot writes <workdir>/fewshot.json, attention its plots and numbers
+  writing_modes = ("train", "fewshot", "attention")
+  resume_free_fields = ("fewshot_shots", "fewshot_seeds", "fewshot_l2", "eval_top5")
+
+  def __init__(self):
+    super().__init__()
+    self.modes["fewshot"] = self.fewshot
+    self.modes["attention"] = self.attention
 
   def model_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
     options = super().model_options(options)
@@ -44,14 +73,46 @@ class VitFamily(family.Family):
   def flops_per_example(self, run: family.Run) -> Optional[float]:
     """6 * N * T + attention, N without the position embedding, class token and head (looked
     up, not multiplied per token), T the tokens (patches, plus the class token)."""
-    if run.task not in ("vit_classification",):  # a task added from outside: no formula
+    if run.task not in ("vit_classification", "vit_masked_patch"):  # added from outside
       return None
     model = self.model(run)
+    if getattr(model, "resnet_stages", None) is not None:  # convolutions: not 6 * N * T
+      return None
     flat = trees.flat_shapes(self.abstract_params(run))
+    looked_up = ("cls", "head/", "mask_token", "Transformer/posembed")
     per_token = sum(math.prod(shape) for key, shape in flat.items()
-                    if not key.startswith(("cls", "head/")) and "pos_embedding" not in key)
-    tokens = (run.image_size // model.patch_size)**2 + (model.classifier == "token")
+                    if not key.startswith(looked_up) and "relative_posemb" not in key)
+    tokens = ((run.image_size // model.effective_patch_size)**2
+              + (model.classifier == "token"))
     return plan.transformer_flops_per_example(per_token, tokens, model.depth, model.width)
+
+  def uses_labels(self, run: family.Run) -> bool:
+    """Masked patch prediction reads images only (fewshot reads labels whatever trained it)."""
+    return run.task != "vit_masked_patch" or run.mode == "fewshot"
+
+  def check_settings(self, run: family.Run) -> None:
+    """The fewshot mode's settings, and a trained workdir for it to read."""
+    if run.mode == "attention":
+      if not family.has_checkpoints(run.workdir):
+        raise family.ConfigError(f"--workdir {run.workdir} holds no checkpoint; --mode attention "
+                                 "analyses a trained run, so train there first or point "
+                                 "--workdir at a ViT training run.")
+      if run.task != "vit_classification" or run.model.get("scan_layers"):
+        raise family.ConfigError("--mode attention analyses a vit_classification run with "
+                                 "config.model.scan_layers=False; set those.")
+    if run.mode != "fewshot":
+      return
+    if not isinstance(self.model(run), models.VisionTransformer):
+      raise family.ConfigError(f"--mode fewshot reads the pre-logit features of a ViT "
+                               f"classifier, and task {run.task!r} builds another model; use it "
+                               "with task vit_classification.")
+    settings = run.settings
+    fewshot.check_settings(tuple(settings.fewshot_shots), settings.fewshot_seeds,
+                           settings.fewshot_l2)
+    if not family.has_checkpoints(run.workdir):
+      raise family.ConfigError(f"--workdir {run.workdir} holds no checkpoint; --mode fewshot "
+                               "evaluates a trained run, so train there first or point "
+                               "--workdir at a ViT training run.")
 
   def initializer(self, run: family.Run):
     if not run.init_from:
@@ -74,5 +135,85 @@ class VitFamily(family.Family):
     except (ValueError, OSError):
       return False
 
+  def fewshot(self, run: family.Run) -> int:
+    """Few-shot linear evaluation of the workdir's latest checkpoint (`vit_jax.fewshot`): prints
+    shots x accuracy and writes <workdir>/fewshot.json."""
+    settings, data = run.settings, run.data
+    shots, seeds, l2 = tuple(settings.fewshot_shots), settings.fewshot_seeds, settings.fewshot_l2
+    reader = checkpoint.Checkpointer(run.workdir, read_only=True)
+    step, _ = reader.params_metadata()
+    params = reader.read_params(step)
+    reader.close()
+    model = self.model(run)
+    # Every example of both splits on every process (whole=True): the same numbers everywhere.
+    train_x, train_y = fewshot.extract_features(
+        model, params, run.eval_data(data.train_split, whole=True))
+    fewshot.check_shots(train_y, shots, run.num_classes,
+                        f"config.train_split={data.train_split!r}")
+    test_x, test_y = fewshot.extract_features(
+        model, params, run.eval_data(data.eval_split, whole=True))
+    rows = fewshot.summarize(fewshot.fewshot_accuracies(
+        train_x, train_y, test_x, test_y, num_classes=run.num_classes, shots=shots, seeds=seeds,
+        l2=l2))
+    print(f"few-shot linear evaluation of step {step}: {train_x.shape[1]}-d pre-logit features, "
+          f"ridge l2={l2:g} on {{-1, 1}} targets, training examples drawn from "
+          f"{data.train_split!r} ({len(train_y)} images), accuracy on {data.eval_split!r} "
+          f"({len(test_y)} images)")
+    print(fewshot.format_table(rows))
+    if family.is_main_process():
+      report = {"step": step, "l2": l2, "seeds": list(range(seeds)),
+                "train_split": data.train_split, "train_examples": len(train_y),
+                "eval_split": data.eval_split, "eval_examples": len(test_y),
+                "feature_dim": int(train_x.shape[1]), "std": "over seeds, ddof=1",
+                "results": rows}
+      path = weights.write_text(os.path.join(run.workdir, "fewshot.json"),
+                                json.dumps(report, indent=2))
+      print(f"written to {path}")
+    return 0
 
+  def attention(self, run: family.Run) -> int:
+    """What the latest checkpoint's attention looks at, on the first `ATTENTION_IMAGES` images
+    of the eval split: mean attention distance per head and layer (the paper's Figure 7) as
+    <workdir>/attention_distance.{json,png}, and attention-rollout maps of the first 8 images
+    over the images as <workdir>/attention_rollout.png."""
+    reader = checkpoint.Checkpointer(run.workdir, read_only=True)
+    step, _ = reader.params_metadata()
+    params = reader.read_params(step)
+    reader.close()
+    model = self.model(run)
+    images, count = [], 0
+    for batch in run.eval_data(whole=True):
+      keep = batch["mask"] > 0
+      images.append(batch["image"][keep])
+      count += int(keep.sum())
+      if count >= ATTENTION_IMAGES:
+        break
+    images = np.concatenate(images)[:ATTENTION_IMAGES]
+    weights_ = attention_analysis.attention_weights(model, params, images)
+    patch = model.effective_patch_size
+    grid = (run.image_size // patch,) * 2
+    prefix = int(model.classifier == "token")
+    distances = attention_analysis.mean_attention_distance(weights_, grid, patch, prefix)
+    print(f"mean attention distance (pixels) of step {step} over {len(images)} images of "
+          f"{run.data.eval_split!r}, per layer: min / mean / max over the {distances.shape[1]} "
+          "heads")
+    for layer, row in enumerate(distances):
+      print(f"  layer {layer:2d}: {row.min():6.2f} / {row.mean():6.2f} / {row.max():6.2f}")
+    if family.is_main_process():
+      weights.write_text(os.path.join(run.workdir, "attention_distance.json"), json.dumps(
+          {"step": step, "images": len(images), "patch_size": patch, "grid": list(grid),
+           "distance_pixels": distances.round(4).tolist()}, indent=2))
+      plot = os.path.join(run.workdir, "attention_distance.png")
+      figure = attention_analysis.distance_plot(distances, patch, run.image_size)
+      weights.write_atomically(plot, lambda temporary: figure.save(temporary, format="PNG"))
+      maps = attention_analysis.rollout_maps([w[:8] for w in weights_], grid, prefix)
+      rollout = os.path.join(run.workdir, "attention_rollout.png")
+      sheet = attention_analysis.overlay(images[:8], maps, scale=max(1, 64 // run.image_size))
+      weights.write_atomically(rollout, lambda temporary: sheet.save(temporary, format="PNG"))
+      print(f"written: {plot}, {rollout} (each image beside its rollout map in red)")
+    return 0
+
+
+# Images the attention mode analyses (the first of the eval split).
+ATTENTION_IMAGES = 256
 FAMILY = VitFamily()

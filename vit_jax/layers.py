@@ -88,8 +88,13 @@ class MultiHeadDotProductAttention(nn.Module):
   implementation: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [batch, length, embed] -> [batch, length, embed]."""
+  def __call__(self, x: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:
+    """x: [batch, length, embed] -> [batch, length, embed]; bias: added to the attention logits,
+    broadcastable to [batch, heads, length, length] (`posemb="relative"`).
+
+    When the "intermediates" collection is mutable (attention analysis), the attention weights
+    [batch, heads, length, length] are sown there as "attention_weights", computed on the side.
+    """
     features = x.shape[-1]
     if features % self.num_heads:
       raise ValueError(f"width {features} is not divisible by num_heads {self.num_heads}; "
@@ -100,7 +105,14 @@ class MultiHeadDotProductAttention(nn.Module):
         layers.constrain(project("ble,ehd->blhd", (features,) + heads, ("embed", "heads", "kv"),
                                  1, name=name)(x), HEADS)
         for name in ("query", "key", "value"))
-    y = layers.dot_product_attention(query, key, value, implementation=self.implementation)
+    y = layers.dot_product_attention(query, key, value, bias=bias,
+                                     implementation=self.implementation)
+    if self.is_mutable_collection("intermediates"):
+      logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) / jnp.sqrt(
+          jnp.float32(heads[1]))
+      if bias is not None:
+        logits = logits + bias
+      self.sow("intermediates", "attention_weights", jax.nn.softmax(logits, axis=-1))
     y = project("blhd,hde->ble", heads + (features,), ("heads", "kv", "embed"), 2, name="out")(y)
     return layers.constrain(y, TOKENS)
 
@@ -124,7 +136,7 @@ class MlpBlock(nn.Module):
     x = layers.constrain(dense(self.mlp_dim, ("embed", "mlp"))(x),
                          ("act_batch", "act_length", "act_mlp"))
     x = nn.gelu(x, approximate=self.gelu_approximate)
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = layers.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = dense(features, ("mlp", "embed"))(x)
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    x = layers.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     return layers.constrain(x, TOKENS)

@@ -11,6 +11,7 @@ they are:
   Transformer/encoder_norm
   pre_logits/{kernel,bias}                     only with representation_size
   head/{kernel,bias}                           zero-initialised
+  conv_root, gn_root, block{s}/unit{j}/...     hybrids only: the ResNet stem (vit_jax.resnet)
 
 With `scan_layers=True` the blocks are one `nn.scan`ned block whose parameters are stacked along a
 leading axis (logical name "layers"): `Transformer/encoderblock/...` [depth, ...] instead of
@@ -19,9 +20,8 @@ leading axis (logical name "layers"): `Transformer/encoderblock/...` [depth, ...
 """
 
 import dataclasses
-import functools
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -30,13 +30,18 @@ import jax.numpy as jnp
 from common_jax import layers
 # The ViT-only layers, named here too as `models.X` (the official code's module names).
 from vit_jax import layers as vit_layers
+from vit_jax import posemb as posemb_lib
+from vit_jax import resnet
+from vit_jax.encoder import Encoder, Encoder1DBlock  # pylint: disable=unused-import
 from vit_jax.layers import (  # pylint: disable=unused-import
     AddPositionEmbs, MlpBlock, MultiHeadDotProductAttention, posemb_sincos_2d)
 
 Dtype = Any
 
 CLASSIFIERS = ("token", "gap")
-POSEMBS = ("learn", "sincos2d", "none")
+POSEMBS, POSEMB_WHERE = posemb_lib.POSEMBS, posemb_lib.POSEMB_WHERE
+# Masked patch prediction's targets: the 3-bit mean colour of a patch (8 levels per channel).
+MPP_CLASSES = 512
 
 # Widths, depths, MLP sizes and heads of the paper's Table 1 (plus Ti and S from DeiT/AugReg).
 SIZES = {
@@ -49,89 +54,33 @@ SIZES = {
 }
 _VARIANT = re.compile(r"^(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
 
+# The official hybrids (vit_jax/configs/models.py upstream): the Transformer's size, the ResNet
+# stem's units per stage (`vit_jax.resnet`; () = its root alone) and the patch size on the stem's
+# feature map. The name's /P is the pixels per token side, except for R+Ti/16: its official
+# config takes 8x8 patches of the root's /4 map, 32 pixels per token (7x7 tokens at 224).
+HYBRIDS = {
+    "R+Ti/16": dict(size="Ti", resnet_stages=(), patch_size=8),
+    "R26+S/32": dict(size="S", resnet_stages=(2, 2, 2, 2), patch_size=1),
+    "R26+B/32": dict(size="B", resnet_stages=(2, 2, 2, 2), patch_size=1),
+    "R50+B/16": dict(size="B", resnet_stages=(3, 4, 9), patch_size=1),
+    "R50+L/32": dict(size="L", resnet_stages=(3, 4, 6, 3), patch_size=1),
+}
+
 
 def parse_variant(variant: str) -> dict:
-  """"B/16" -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+  """"B/16" -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16); a hybrid
+  ("R50+B/16") also gives `resnet_stages` ((3, 4, 9)) and the patch size on its feature map."""
+  if variant in HYBRIDS:
+    hybrid = HYBRIDS[variant]
+    return dict(SIZES[hybrid["size"]], patch_size=hybrid["patch_size"],
+                resnet_stages=hybrid["resnet_stages"])
   match = _VARIANT.match(variant or "")
   if not match or match.group("size") not in SIZES:
     raise ValueError(
         f"model variant {variant!r} is unknown; use '<size>/<patch>' with size in "
-        f"{', '.join(SIZES)} (e.g. 'B/16'), or 'custom' with explicit width/depth/mlp_dim/"
-        "num_heads/patch_size.")
+        f"{', '.join(SIZES)} (e.g. 'B/16'), a hybrid ({', '.join(HYBRIDS)}), or 'custom' with "
+        "explicit width/depth/mlp_dim/num_heads/patch_size.")
   return dict(SIZES[match.group("size")], patch_size=int(match.group("patch")))
-
-
-class Encoder1DBlock(nn.Module):
-  """Pre-LayerNorm Transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
-  mlp_dim: int
-  num_heads: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  dropout_rate: float = 0.0
-  gelu_approximate: bool = True
-  attention_implementation: Optional[str] = None
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
-    """inputs: [batch, length, embed] -> [batch, length, embed]."""
-    norm = functools.partial(
-        nn.LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype,
-        scale_init=layers.param_with_axes(nn.initializers.ones, ("embed",)),
-        bias_init=layers.param_with_axes(nn.initializers.zeros, ("embed",)))
-    x = norm(name="LayerNorm_0")(inputs)
-    x = MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-        implementation=self.attention_implementation, name="MultiHeadDotProductAttention_1")(x)
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    x = x + inputs
-    y = norm(name="LayerNorm_2")(x)
-    y = MlpBlock(
-        mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-        dropout_rate=self.dropout_rate, gelu_approximate=self.gelu_approximate,
-        name="MlpBlock_3")(y, deterministic=deterministic)
-    return x + y
-
-
-class Encoder(nn.Module):
-  """Position embeddings, dropout, `depth` blocks and the final LayerNorm `encoder_norm`.
-
-  The blocks are `encoderblock_{i}`, or with `scan_layers` one scanned `encoderblock` whose
-  parameters are stacked [depth, ...]; `remat_policy` puts each block under `jax.checkpoint`.
-  """
-  depth: int
-  mlp_dim: int
-  num_heads: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  dropout_rate: float = 0.0
-  add_learned_posemb: bool = True
-  gelu_approximate: bool = True
-  attention_implementation: Optional[str] = None
-  scan_layers: bool = False
-  remat_policy: str = "none"
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-    if self.add_learned_posemb:
-      x = AddPositionEmbs(param_dtype=self.param_dtype, name="posembed_input")(x)
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    block = functools.partial(
-        Encoder1DBlock, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
-        param_dtype=self.param_dtype, dropout_rate=self.dropout_rate,
-        gelu_approximate=self.gelu_approximate,
-        attention_implementation=self.attention_implementation)
-    if self.scan_layers:
-      x = layers.scan_blocks(block(name="encoderblock"), x, deterministic, length=self.depth,
-                             remat_policy=self.remat_policy)
-    else:
-      for i in range(self.depth):
-        x = layers.call_block(block(name=f"encoderblock_{i}"), x, deterministic,
-                              remat_policy=self.remat_policy)
-    return nn.LayerNorm(
-        dtype=self.dtype, param_dtype=self.param_dtype,
-        scale_init=layers.param_with_axes(nn.initializers.ones, ("embed",)),
-        bias_init=layers.param_with_axes(nn.initializers.zeros, ("embed",)),
-        name="encoder_norm")(x)
 
 
 class VisionTransformer(nn.Module):
@@ -150,6 +99,7 @@ class VisionTransformer(nn.Module):
   image_size: int = 224
   classifier: str = "token"
   posemb: str = "learn"
+  posemb_where: str = "first"
   representation_size: Optional[int] = None
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
@@ -158,11 +108,30 @@ class VisionTransformer(nn.Module):
   attention_implementation: Optional[str] = None
   scan_layers: bool = False
   remat_policy: str = "none"
+  # Hybrids: the ResNet stem's units per stage (`vit_jax.resnet`; () = its root alone) in front
+  # of the patch embedding, whose `patch_size` then counts cells of the stem's feature map.
+  resnet_stages: Optional[Tuple[int, ...]] = None
+
+  @property
+  def effective_patch_size(self) -> int:
+    """Image pixels per token side: `patch_size` times the ResNet stem's reduction, if any."""
+    return self.patch_size * resnet.reduction(self.resnet_stages)
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               corrupt: Optional[Tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+    """images [batch, height, width, 3] -> logits [batch, num_classes] (or the representation).
+
+    corrupt: masked patch prediction (`vit_jax.mpp`): (how [batch, patches] int32, source
+      [batch, patches] int32). Patch embeddings with how == 1 are replaced by the learned
+      `mask_token`, with how == 2 by the embedding of patch `source` of the same image; 0 and 3
+      stay. The output is then the `mpp_head` logits [batch, patches, MPP_CLASSES] of every
+      patch token, not the classifier's.
+    """
     deterministic = not train
     x = images.astype(self.dtype)
+    if self.resnet_stages is not None:  # its parameters sit beside `embedding`, as upstream
+      x = resnet.stem(x, self.resnet_stages, dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.Conv(
         features=self.width,
         kernel_size=(self.patch_size, self.patch_size),
@@ -176,8 +145,14 @@ class VisionTransformer(nn.Module):
         name="embedding")(x)
     batch, grid_h, grid_w, channels = x.shape
     x = jnp.reshape(x, (batch, grid_h * grid_w, channels))
-    if self.posemb == "sincos2d":
-      x = x + posemb_sincos_2d(grid_h, grid_w, channels).astype(x.dtype)
+    if corrupt is not None:
+      how, source = corrupt
+      mask_token = self.param("mask_token", layers.param_with_axes(
+          nn.initializers.normal(stddev=0.02), (None, None, "embed")), (1, 1, channels),
+                              self.param_dtype)
+      other = jnp.take_along_axis(x, source[..., None], axis=1)
+      x = jnp.where((how == 1)[..., None], mask_token.astype(x.dtype),
+                    jnp.where((how == 2)[..., None], other, x))
     if self.classifier == "token":
       cls = self.param("cls", layers.param_with_axes(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, channels), self.param_dtype)
@@ -186,10 +161,19 @@ class VisionTransformer(nn.Module):
     x = Encoder(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
         param_dtype=self.param_dtype, dropout_rate=self.dropout_rate,
-        add_learned_posemb=self.posemb == "learn", gelu_approximate=self.gelu_approximate,
+        posemb=self.posemb, posemb_where=self.posemb_where, width=channels,
+        grid=(grid_h, grid_w), num_prefix=int(self.classifier == "token"),
+        gelu_approximate=self.gelu_approximate,
         attention_implementation=self.attention_implementation,
         scan_layers=self.scan_layers, remat_policy=self.remat_policy,
         name="Transformer")(x, deterministic=deterministic)
+    if corrupt is not None:
+      patches = x[:, int(self.classifier == "token"):]
+      return nn.Dense(MPP_CLASSES, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=layers.param_with_axes(nn.initializers.zeros,
+                                                         ("embed", "classes")),
+                      bias_init=layers.param_with_axes(nn.initializers.zeros, ("classes",)),
+                      name="mpp_head")(patches).astype(jnp.float32)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size:
       x = nn.Dense(self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -216,14 +200,15 @@ class ModelSpec:
   mlp_dim: int
   num_heads: int
   patch_size: int
+  resnet_stages: Optional[Tuple[int, ...]] = None  # hybrids (HYBRIDS): the ResNet stem's stages
 
 
 def resolve_spec(variant: str, **overrides: Any) -> ModelSpec:
-  """Variant name plus explicit overrides (None = keep) -> ModelSpec.
+  """Variant name plus explicit overrides (None or 0 = the variant's number) -> ModelSpec.
 
   `variant="custom"` takes all five numbers from `overrides`.
   """
-  fields = {f.name for f in dataclasses.fields(ModelSpec)}
+  fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"resnet_stages"}  # the numbers
   unknown = set(overrides) - fields
   if unknown:
     raise ValueError(f"unknown model shape option(s) {sorted(unknown)}; use {sorted(fields)}.")
@@ -231,11 +216,12 @@ def resolve_spec(variant: str, **overrides: Any) -> ModelSpec:
     base = {}
   else:
     base = parse_variant(variant)
-  base.update({k: v for k, v in overrides.items() if v is not None})
+  base.update({k: v for k, v in overrides.items() if v not in (None, 0)})
   missing = fields - set(base)
   if missing:
     raise ValueError(f"variant='custom' needs {sorted(missing)} set in the model config.")
-  spec = ModelSpec(**{k: int(base[k]) for k in fields})
+  spec = ModelSpec(**{k: int(base[k]) for k in fields},
+                   resnet_stages=base.get("resnet_stages"))
   if spec.width % spec.num_heads:
     raise ValueError(f"model width {spec.width} is not divisible by num_heads "
                      f"{spec.num_heads}; change one of them.")
@@ -244,7 +230,8 @@ def resolve_spec(variant: str, **overrides: Any) -> ModelSpec:
 
 def check_options(*, image_size: int, patch_size: int, classifier: str, posemb: str,
                   num_classes: int = 1, dropout_rate: float = 0.0,
-                  representation_size: Optional[int] = None) -> None:
+                  representation_size: Optional[int] = None, posemb_where: str = "first",
+                  scan_layers: bool = False) -> None:
   """Raises one clear ValueError for option combinations that cannot work."""
   if image_size < 1:
     raise ValueError(f"image_size={image_size} must be positive.")
@@ -259,19 +246,28 @@ def check_options(*, image_size: int, patch_size: int, classifier: str, posemb: 
     raise ValueError(f"classifier={classifier!r} is unknown; use one of {CLASSIFIERS}.")
   if posemb not in POSEMBS:
     raise ValueError(f"posemb={posemb!r} is unknown; use one of {POSEMBS}.")
+  if posemb_where not in POSEMB_WHERE:
+    raise ValueError(f"posemb_where={posemb_where!r} is unknown; use one of {POSEMB_WHERE}.")
+  if posemb_where != "first" and posemb in ("none", "relative"):
+    raise ValueError(f"posemb_where={posemb_where!r} places an absolute position embedding, and "
+                     f"posemb={posemb!r} has none; set posemb_where='first'.")
+  if posemb_where != "first" and scan_layers:
+    raise ValueError(f"posemb_where={posemb_where!r} adds embeddings between blocks, which "
+                     "scan_layers=True runs as one; set scan_layers=False.")
   if patch_size <= 0 or image_size % patch_size:
     raise ValueError(f"patch size {patch_size} does not divide image_size {image_size}; choose "
                      "an image_size that is a multiple of the patch size.")
 
 
 def create_model(variant: str = "B/16", *, num_classes: int = 1000, image_size: int = 224,
-                 classifier: str = "token", posemb: str = "learn",
+                 classifier: str = "token", posemb: str = "learn", posemb_where: str = "first",
                  representation_size: Optional[int] = None, dropout_rate: float = 0.0,
                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                  gelu_approximate: bool = True, attention_implementation: Optional[str] = None,
                  scan_layers: bool = False, remat_policy: str = "none",
                  **shape_overrides: Any) -> VisionTransformer:
-  """Builds a ViT by variant name ("B/16", "Ti/4", ...) or "custom" with explicit shape.
+  """Builds a ViT by variant name ("B/16", "Ti/4", a hybrid "R50+B/16", ...) or "custom" with
+  explicit shape.
 
   Shape overrides (`width`, `depth`, `mlp_dim`, `num_heads`, `patch_size`) replace the
   variant's numbers, e.g. `create_model("Ti/4", depth=4)`.
@@ -284,16 +280,21 @@ def create_model(variant: str = "B/16", *, num_classes: int = 1000, image_size: 
   """
   layers.check_remat_policy(remat_policy)
   spec = resolve_spec(variant, **shape_overrides)
-  check_options(image_size=image_size, patch_size=spec.patch_size, classifier=classifier,
-                posemb=posemb, num_classes=num_classes, dropout_rate=dropout_rate,
-                representation_size=representation_size)
+  check_options(image_size=image_size,
+                patch_size=spec.patch_size * resnet.reduction(spec.resnet_stages),
+                classifier=classifier, posemb=posemb, num_classes=num_classes,
+                dropout_rate=dropout_rate, representation_size=representation_size,
+                posemb_where=posemb_where,
+                scan_layers=scan_layers)
   return VisionTransformer(
       num_classes=num_classes, patch_size=spec.patch_size, width=spec.width, depth=spec.depth,
       mlp_dim=spec.mlp_dim, num_heads=spec.num_heads, image_size=image_size,
-      classifier=classifier, posemb=posemb, representation_size=representation_size,
+      classifier=classifier, posemb=posemb, posemb_where=posemb_where,
+      representation_size=representation_size,
       dropout_rate=dropout_rate, dtype=dtype, param_dtype=param_dtype,
       gelu_approximate=gelu_approximate, attention_implementation=attention_implementation,
-      scan_layers=bool(scan_layers), remat_policy=remat_policy)
+      scan_layers=bool(scan_layers), remat_policy=remat_policy,
+      resnet_stages=spec.resnet_stages)
 
 
 def abstract_variables(model: VisionTransformer, batch_size: int = 1) -> Any:
