@@ -8,6 +8,8 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
+import flax.linen as nn
+import jax
 import numpy as np
 import vit_jax
 import math
@@ -21,6 +23,7 @@ from vit_jax import attention_analysis
 from vit_jax import fewshot
 from vit_jax import models
 from vit_jax import mpp
+from vit_jax import predict as predict_lib
 from vit_jax import tasks
 
 
@@ -34,6 +37,8 @@ class Settings:
   fewshot_l2: float = fewshot.DEFAULT_L2
   eval_top5: bool = False  # evaluations also report top5_accuracy
   mask_prob: float = 0.5  # vit_masked_patch: the fraction of patches corrupted
+  predict_input: str = ""  # --mode predict: the folder of images to classify
+  predict_output: str = ""  # --mode predict: the CSV to write; "" = <workdir>/predictions.csv
 
 
 def _masked_patch(run: family.Run) -> mpp.MaskedPatchTask:
@@ -56,13 +61,15 @@ class VitFamily(family.Family):
   settings = Settings
   export_formats = ("npz", "safetensors")
   # fewshot writes <workdir>/fewshot.json, attention its plots and numbers
-  writing_modes = ("train", "fewshot", "attention")
-  resume_free_fields = ("fewshot_shots", "fewshot_seeds", "fewshot_l2", "eval_top5")
+  writing_modes = ("train", "fewshot", "attention", "predict")
+  resume_free_fields = ("fewshot_shots", "fewshot_seeds", "fewshot_l2", "eval_top5",
+                        "predict_input", "predict_output")
 
   def __init__(self):
     super().__init__()
     self.modes["fewshot"] = self.fewshot
     self.modes["attention"] = self.attention
+    self.modes["predict"] = self.predict
 
   def model_options(self, options: Dict[str, Any]) -> Dict[str, Any]:
     options = super().model_options(options)
@@ -100,6 +107,8 @@ class VitFamily(family.Family):
       if run.task != "vit_classification" or run.model.get("scan_layers"):
         raise family.ConfigError("--mode attention analyses a vit_classification run with "
                                  "config.model.scan_layers=False; set those.")
+    if run.mode == "predict":
+      self._check_predict(run)
     if run.mode != "fewshot":
       return
     if not isinstance(self.model(run), models.VisionTransformer):
@@ -169,6 +178,47 @@ class VitFamily(family.Family):
       path = weights.write_text(os.path.join(run.workdir, "fewshot.json"),
                                 json.dumps(report, indent=2))
       print(f"written to {path}")
+    return 0
+
+  def _check_predict(self, run: family.Run) -> None:
+    folder = run.settings.predict_input
+    if not folder or not os.path.isdir(folder):
+      raise family.ConfigError(f"config.predict_input={folder!r} is not a folder; set it to the "
+                               "folder of images to classify.")
+    if not predict_lib.list_images(folder):
+      raise family.ConfigError(f"config.predict_input={folder!r} holds no image file "
+                               f"({', '.join(predict_lib.EXTENSIONS)}); point it at images.")
+    if run.task != "vit_classification":
+      raise family.ConfigError(f"--mode predict classifies with a vit_classification model, and "
+                               f"config.task={run.task!r}; set config.task=vit_classification.")
+    if not family.has_checkpoints(run.workdir) and not run.init_from:
+      raise family.ConfigError(f"--workdir {run.workdir} holds no checkpoint and "
+                               "config.init_from is empty; train there first, or set "
+                               "config.init_from to a trained .npz, .safetensors or workdir.")
+
+  def predict(self, run: family.Run) -> int:
+    """Classifies the images of config.predict_input with the workdir's latest checkpoint (else
+    the weights of config.init_from) and writes the top-5 labels and probabilities as CSV."""
+    model = self.model(run)
+    if family.has_checkpoints(run.workdir):
+      step, params = vit_jax.read_checkpoint_params(run.workdir, model)
+      source = f"step {step} of {run.workdir}"
+    else:
+      images = np.zeros((1, run.image_size, run.image_size, 3), np.float32)
+      fresh = jax.device_get(model.init(jax.random.PRNGKey(0), images)["params"])
+      params, source = self.initializer(run)(nn.meta.unbox(fresh)), run.init_from
+    paths = predict_lib.list_images(run.settings.predict_input)
+    labels, scores = predict_lib.predict(model, params, paths, run.data.preprocess_eval)
+    try:
+      from common_jax import data  # pylint: disable=g-import-not-at-top  # tfds: not for models
+      names = data.get_builder(**run.data.source).info.features["label"].names
+    except Exception:  # pylint: disable=broad-except  # a dataset not prepared here: ids
+      names = None
+    output = run.settings.predict_output or os.path.join(run.workdir, "predictions.csv")
+    if family.is_main_process():
+      weights.write_text(output, predict_lib.to_csv(paths, labels, scores, names))
+    print(f"classified {len(paths)} images of {run.settings.predict_input} with {source}: top-"
+          f"{labels.shape[1]} labels and probabilities written to {output}")
     return 0
 
   def attention(self, run: family.Run) -> int:
