@@ -23,7 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       classifier="gap", posemb="learn", posemb_where="first", representation_size=0,
       dropout_rate=0.1,
       dtype="float32", gelu_approximate=True, attention_implementation="",
-      scan_layers=False, remat_policy="none"))
+      scan_layers=False, remat_policy="none", stoch_depth=0.0))
   config.dataset = "sklearn_digits"
   config.num_classes = 10
   config.image_size = 8

@@ -38,7 +38,7 @@ def get_config(arg: str = "B/16,cifar10") -> ml_collections.ConfigDict:
       variant=variant, width=0, depth=0, mlp_dim=0, num_heads=0, patch_size=0,
       classifier="token", posemb="learn", posemb_where="first", representation_size=0,
       dropout_rate=0.0, dtype="float32", gelu_approximate=True, attention_implementation="",
-      scan_layers=False, remat_policy="none"))
+      scan_layers=False, remat_policy="none", stoch_depth=0.0))
   config.dataset = dataset
   config.num_classes = classes
   config.train_split = train_split

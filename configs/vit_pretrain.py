@@ -42,7 +42,7 @@ def get_config(arg: str = "B/16,imagenet2012") -> ml_collections.ConfigDict:
       # The paper's pre-training head: a pre-logits layer as wide as the model.
       classifier="token", posemb="learn", posemb_where="first", representation_size=width,
       dropout_rate=0.1, dtype="float32", gelu_approximate=True, attention_implementation="",
-      scan_layers=False, remat_policy="none"))
+      scan_layers=False, remat_policy="none", stoch_depth=0.0))
   config.dataset = dataset
   config.num_classes = classes
   config.train_split = "train"

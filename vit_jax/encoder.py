@@ -28,6 +28,16 @@ class Encoder1DBlock(nn.Module):
   attention_implementation: Optional[str] = None
   relative_grid: Optional[Tuple[int, int]] = None  # posemb="relative": the patch grid
   num_prefix: int = 0  # tokens before the patches (the class token)
+  drop_path: float = 0.0  # stochastic depth: each example skips each branch with this rate
+
+  def _drop_path(self, branch: jax.Array, deterministic: bool) -> jax.Array:
+    """The residual branch, zeroed for a random `drop_path` share of the examples (the others
+    scaled up by the keep probability), in training only."""
+    if deterministic or not self.drop_path:
+      return branch
+    keep, keep_prob = layers.dropout_keep_mask(self.make_rng("dropout"),
+                                               (branch.shape[0], 1, 1), self.drop_path)
+    return jnp.where(keep, branch / jnp.asarray(keep_prob, branch.dtype), 0)
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -46,13 +56,13 @@ class Encoder1DBlock(nn.Module):
         implementation=self.attention_implementation,
         name="MultiHeadDotProductAttention_1")(x, bias)
     x = layers.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    x = x + inputs
+    x = self._drop_path(x, deterministic) + inputs
     y = norm(name="LayerNorm_2")(x)
     y = MlpBlock(
         mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
         dropout_rate=self.dropout_rate, gelu_approximate=self.gelu_approximate,
         name="MlpBlock_3")(y, deterministic=deterministic)
-    return x + y
+    return x + self._drop_path(y, deterministic)
 
 
 class Encoder(nn.Module):
@@ -72,6 +82,9 @@ class Encoder(nn.Module):
   width: int = 0  # of the tokens (learn2d's tables)
   grid: Tuple[int, int] = (0, 0)  # the patch grid
   num_prefix: int = 0  # tokens before the patches (the class token)
+  # Stochastic depth: block i drops its branches with rate stoch_depth * i / (depth - 1), from 0
+  # at the first block to stoch_depth at the last (as timm and DeiT schedule it).
+  stoch_depth: float = 0.0
   gelu_approximate: bool = True
   attention_implementation: Optional[str] = None
   scan_layers: bool = False
@@ -119,7 +132,8 @@ class Encoder(nn.Module):
         elif self.posemb_where == "every_layer":
           adder = self._position_adder(f"posembed_{i}")
           x = adder(x) if adder is not None else x
-        x = layers.call_block(block(name=f"encoderblock_{i}"), x, deterministic,
+        rate = self.stoch_depth * i / max(self.depth - 1, 1)
+        x = layers.call_block(block(name=f"encoderblock_{i}", drop_path=rate), x, deterministic,
                               remat_policy=self.remat_policy)
     return nn.LayerNorm(
         dtype=self.dtype, param_dtype=self.param_dtype,

@@ -37,6 +37,8 @@ class Settings:
   fewshot_l2: float = fewshot.DEFAULT_L2
   eval_top5: bool = False  # evaluations also report top5_accuracy
   mask_prob: float = 0.5  # vit_masked_patch: the fraction of patches corrupted
+  loss: str = "softmax"  # vit_classification: "softmax" or "sigmoid" cross-entropy
+  mixup: float = 0.0  # vit_classification: p of mixup's Beta(p, p); 0 = none
   predict_input: str = ""  # --mode predict: the folder of images to classify
   predict_output: str = ""  # --mode predict: the CSV to write; "" = <workdir>/predictions.csv
 
@@ -50,7 +52,7 @@ def _classification(run: family.Run) -> tasks.ClassificationTask:
   return tasks.ClassificationTask(
       variant=run.variant, num_classes=run.num_classes, image_size=run.image_size,
       model_options=run.model, label_smoothing=run.settings.label_smoothing,
-      top5=run.settings.eval_top5)
+      top5=run.settings.eval_top5, loss=run.settings.loss, mixup=run.settings.mixup)
 
 
 class VitFamily(family.Family):

@@ -100,6 +100,7 @@ class VisionTransformer(nn.Module):
   classifier: str = "token"
   posemb: str = "learn"
   posemb_where: str = "first"
+  stoch_depth: float = 0.0  # stochastic depth of the last block (see vit_jax.encoder.Encoder)
   representation_size: Optional[int] = None
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
@@ -166,7 +167,7 @@ class VisionTransformer(nn.Module):
         gelu_approximate=self.gelu_approximate,
         attention_implementation=self.attention_implementation,
         scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-        name="Transformer")(x, deterministic=deterministic)
+        stoch_depth=self.stoch_depth, name="Transformer")(x, deterministic=deterministic)
     if corrupt is not None:
       patches = x[:, int(self.classifier == "token"):]
       return nn.Dense(MPP_CLASSES, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -231,7 +232,7 @@ def resolve_spec(variant: str, **overrides: Any) -> ModelSpec:
 def check_options(*, image_size: int, patch_size: int, classifier: str, posemb: str,
                   num_classes: int = 1, dropout_rate: float = 0.0,
                   representation_size: Optional[int] = None, posemb_where: str = "first",
-                  scan_layers: bool = False) -> None:
+                  scan_layers: bool = False, stoch_depth: float = 0.0) -> None:
   """Raises one clear ValueError for option combinations that cannot work."""
   if image_size < 1:
     raise ValueError(f"image_size={image_size} must be positive.")
@@ -246,6 +247,11 @@ def check_options(*, image_size: int, patch_size: int, classifier: str, posemb: 
     raise ValueError(f"classifier={classifier!r} is unknown; use one of {CLASSIFIERS}.")
   if posemb not in POSEMBS:
     raise ValueError(f"posemb={posemb!r} is unknown; use one of {POSEMBS}.")
+  if not 0.0 <= stoch_depth < 1.0:
+    raise ValueError(f"stoch_depth={stoch_depth} must lie in [0, 1).")
+  if stoch_depth and scan_layers:
+    raise ValueError("stoch_depth gives every block its own rate, which scan_layers=True runs "
+                     "as one block; set scan_layers=False.")
   if posemb_where not in POSEMB_WHERE:
     raise ValueError(f"posemb_where={posemb_where!r} is unknown; use one of {POSEMB_WHERE}.")
   if posemb_where != "first" and posemb in ("none", "relative"):
@@ -261,6 +267,7 @@ def check_options(*, image_size: int, patch_size: int, classifier: str, posemb: 
 
 def create_model(variant: str = "B/16", *, num_classes: int = 1000, image_size: int = 224,
                  classifier: str = "token", posemb: str = "learn", posemb_where: str = "first",
+                 stoch_depth: float = 0.0,
                  representation_size: Optional[int] = None, dropout_rate: float = 0.0,
                  dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                  gelu_approximate: bool = True, attention_implementation: Optional[str] = None,
@@ -284,12 +291,11 @@ def create_model(variant: str = "B/16", *, num_classes: int = 1000, image_size: 
                 patch_size=spec.patch_size * resnet.reduction(spec.resnet_stages),
                 classifier=classifier, posemb=posemb, num_classes=num_classes,
                 dropout_rate=dropout_rate, representation_size=representation_size,
-                posemb_where=posemb_where,
-                scan_layers=scan_layers)
+                posemb_where=posemb_where, scan_layers=scan_layers, stoch_depth=stoch_depth)
   return VisionTransformer(
       num_classes=num_classes, patch_size=spec.patch_size, width=spec.width, depth=spec.depth,
       mlp_dim=spec.mlp_dim, num_heads=spec.num_heads, image_size=image_size,
-      classifier=classifier, posemb=posemb, posemb_where=posemb_where,
+      classifier=classifier, posemb=posemb, posemb_where=posemb_where, stoch_depth=stoch_depth,
       representation_size=representation_size,
       dropout_rate=dropout_rate, dtype=dtype, param_dtype=param_dtype,
       gelu_approximate=gelu_approximate, attention_implementation=attention_implementation,

@@ -13,11 +13,19 @@ from common_jax.task import Task
 from vit_jax import models
 
 
+LOSSES = ("softmax", "sigmoid")
+
+
 @dataclasses.dataclass
 class ClassificationTask(Task):
-  """Supervised image classification with softmax cross-entropy (the paper's fine-tuning loss).
+  """Supervised image classification with softmax cross-entropy (the paper's fine-tuning loss)
+  or sigmoid cross-entropy (each class a binary decision, summed over the classes: AugReg and
+  big_vision's choice for pre-training), optionally with mixup.
 
   `model_options` are the keyword arguments of `vit_jax.create_model` besides the variant.
+  Mixup (`mixup` = p > 0): each training batch is mixed with itself rolled by one example,
+  images and targets alike, with weight r = max(b, 1 - b), b ~ Beta(p, p) drawn per step (as
+  big_vision does); the train accuracy then counts the argmax against the larger share's label.
   """
   variant: str
   num_classes: int
@@ -25,11 +33,17 @@ class ClassificationTask(Task):
   model_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
   label_smoothing: float = 0.0  # training targets only; evaluation uses the hard labels
   top5: bool = False  # evaluations also count top5_accuracy: the label among the 5 best logits
+  loss: str = "softmax"  # or "sigmoid"
+  mixup: float = 0.0  # p of Beta(p, p); 0 = no mixup
   headline_metric: str = "accuracy"
 
   def __post_init__(self):
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ValueError(f"config.label_smoothing={self.label_smoothing} must lie in [0, 1).")
+    if self.loss not in LOSSES:
+      raise ValueError(f"config.loss={self.loss!r} is unknown; use one of {LOSSES}.")
+    if self.mixup < 0:
+      raise ValueError(f"config.mixup={self.mixup} must be >= 0 (0: no mixup).")
     if self.top5 and self.num_classes <= 5:
       raise ValueError(f"config.eval_top5=True needs more than 5 classes, and config.num_classes="
                        f"{self.num_classes}; set config.eval_top5=False.")
@@ -48,17 +62,29 @@ class ClassificationTask(Task):
       targets = optax.smooth_labels(targets, self.label_smoothing)
     return targets
 
+  def _loss(self, logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per example: softmax cross-entropy, or the sum over classes of sigmoid cross-entropy."""
+    if self.loss == "sigmoid":
+      return optax.sigmoid_binary_cross_entropy(logits, targets).sum(axis=-1)
+    return optax.softmax_cross_entropy(logits, targets)
+
   def loss_and_metrics(self, params, batch, rng, train) -> Tuple[jax.Array, Dict]:
-    logits = self.model.apply({"params": params}, batch["image"], train=train,
-                         rngs={"dropout": rng})
-    loss = optax.softmax_cross_entropy(logits, self._targets(batch["label"])).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    images, labels, targets = batch["image"], batch["label"], self._targets(batch["label"])
+    if train and self.mixup:
+      rng, mix_rng = jax.random.split(rng)
+      share = jax.random.beta(mix_rng, self.mixup, self.mixup)
+      share = jnp.maximum(share, 1.0 - share)
+      images = share * images + (1.0 - share) * jnp.roll(images, 1, axis=0)
+      targets = share * targets + (1.0 - share) * jnp.roll(targets, 1, axis=0)
+    logits = self.model.apply({"params": params}, images, train=train, rngs={"dropout": rng})
+    loss = self._loss(logits, targets).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return loss, {"accuracy": accuracy}
 
   def eval_sums(self, params, batch) -> Dict[str, jax.Array]:
     logits = self.model.apply({"params": params}, batch["image"], train=False)
     mask = batch["mask"]
-    loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], self.num_classes))
+    loss = self._loss(logits, jax.nn.one_hot(batch["label"], self.num_classes))
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     sums = {"accuracy": jnp.sum(correct * mask), "loss": jnp.sum(loss * mask),
             "count": jnp.sum(mask)}
