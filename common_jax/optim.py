@@ -7,7 +7,7 @@ Gradient accumulation lives in the train step (microbatches scanned inside one j
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,38 @@ class OptimizerConfig:
   # in the gradients' dtype and rounded when stored. optax has no such option for Adam's second
   # moment (nu): it is kept in the parameters' dtype, float32 with float32 master weights.
   moment_dtype: str = "float32"
+  # Polyak averaging: the loop evaluates ema = decay * ema + (1 - decay) * params, updated after
+  # every step and kept in the optimiser state (so checkpoints hold it); 0 = off.
+  ema_decay: float = 0.0
+
+
+class EmaState(NamedTuple):
+  """The exponential moving average of the parameters (`polyak`)."""
+  ema: Any
+
+
+def polyak(decay: float) -> optax.GradientTransformation:
+  """A transformation that leaves the updates as they are and keeps the moving average of the
+  parameters they produce (the last of a chain, so that the updates are final)."""
+  def init(params):
+    return EmaState(ema=jax.tree_util.tree_map(jnp.array, params))
+
+  def update(updates, state, params):
+    new = optax.apply_updates(params, updates)
+    ema = jax.tree_util.tree_map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
+                                 state.ema, new)
+    return updates, EmaState(ema=ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def polyak_params(opt_state: Any) -> Optional[Any]:
+  """The moving average of the parameters in an optimiser state of `make_optimizer`, or None
+  when config.optimizer.ema_decay is 0."""
+  for part in opt_state if isinstance(opt_state, tuple) else ():
+    if isinstance(part, EmaState):
+      return part.ema
+  return None
 
 
 def check(config: OptimizerConfig, total_steps: int) -> None:
@@ -55,6 +87,9 @@ def check(config: OptimizerConfig, total_steps: int) -> None:
   if config.moment_dtype not in MOMENT_DTYPES:
     raise ValueError(f"config.optimizer.moment_dtype={config.moment_dtype!r} is unknown; use one "
                      f"of {', '.join(MOMENT_DTYPES)}.")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f"config.optimizer.ema_decay={config.ema_decay} must lie in [0, 1) (0: no "
+                     "moving average; e.g. 0.9999).")
   if config.weight_decay and config.name != "adam":
     raise ValueError("config.optimizer.weight_decay is only supported with name='adam'; "
                      "set it to 0 for sgd.")
@@ -104,4 +139,6 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
   else:
     parts.append(optax.sgd(schedule, momentum=config.momentum,
                            accumulator_dtype=moment_dtype))
+  if config.ema_decay:
+    parts.append(polyak(config.ema_decay))
   return optax.chain(*parts)

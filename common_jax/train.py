@@ -258,9 +258,10 @@ def train_and_evaluate(
 
     def run_eval(at_step: int) -> Dict[str, float]:
       began = time.perf_counter()
-      results = trainer.evaluate(state.params, eval_data())
+      ema = optim.polyak_params(state.opt_state)  # config.optimizer.ema_decay
+      results = trainer.evaluate(state.params if ema is None else ema, eval_data())
       writer.write(at_step, {f"eval/{k}": v for k, v in results.items()})
-      writer.print(f"eval at step {at_step}: " +
+      writer.print(f"eval{'' if ema is None else ' (moving average)'} at step {at_step}: " +
                    ", ".join(f"{k} {v:.4f}" for k, v in results.items()) +
                    f" ({time.perf_counter() - began:.1f}s)")
       return results

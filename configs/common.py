@@ -30,7 +30,8 @@ def base() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-3, warmup_steps=0, decay="cosine", end_learning_rate=0.0,
       weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9, grad_clip_norm=1.0,
-      moment_dtype="float32"))  # first moment (Adam's mu, SGD's momentum): float32 or bfloat16
+      moment_dtype="float32",  # first moment (Adam's mu, SGD's momentum): float32 or bfloat16
+      ema_decay=0.0))  # > 0: evaluate the parameters' moving average (Polyak), e.g. 0.9999
 
   # Mesh axis sizes; -1 = the remaining devices. Pure data parallel: data=-1.
   # FSDP: data=1, fsdp=-1. Both: e.g. data=2, fsdp=-1.
