@@ -143,6 +143,129 @@ def test_value_range_gives_the_bits_of_the_plain_expression_without_touching_its
     np.testing.assert_array_equal(image, before)
 
 
+def randaugment_images():
+  """(name, uint8 [h, w, 3]) of odd sizes and few distinct values, where the ops' edge cases are."""
+  rng = np.random.default_rng(2)
+  grey = rng.integers(0, 256, (7, 5, 1), np.uint8).repeat(3, axis=2)
+  return [("random 7x5", rng.integers(0, 256, (7, 5, 3), np.uint8)),
+          ("grey 7x5", grey),
+          ("near-grey 9x3", np.clip(grey[:3].transpose(1, 0, 2) + [0, 1, 2], 0, 255).astype(
+              np.uint8).repeat(3, axis=0)[:9]),
+          ("constant 3x7", np.full((3, 7, 3), 90, np.uint8)),
+          ("two levels 5x5", np.where(np.eye(5, dtype=bool)[:, :, None], 200, 10).astype(
+              np.uint8).repeat(3, axis=2)),
+          ("1x1", np.array([[[0, 128, 255]]], np.uint8)),
+          ("1x6", rng.integers(0, 256, (1, 6, 3), np.uint8))]
+
+
+def test_randaugment_is_a_function_of_the_rng_keeping_dtype_shape_and_input():
+  op = data.parse_preprocess("randaugment(2,15)")
+  for name, image in randaugment_images():
+    before = image.copy()
+    outputs = [op({"image": image, "label": 3}, np.random.default_rng(seed)) for seed in range(30)]
+    again = op({"image": image, "label": 3}, np.random.default_rng(7))
+    assert again["image"].tobytes() == outputs[7]["image"].tobytes(), name
+    assert all(o["image"].dtype == np.uint8 and o["image"].shape == image.shape
+               and o["label"] == 3 for o in outputs), name
+    np.testing.assert_array_equal(image, before)
+    if name == "random 7x5":  # 16 x 16 x signs x cutout centres: distinct for most seeds
+      assert len({o["image"].tobytes() for o in outputs}) >= 25
+  # n = 0 changes nothing and draws nothing.
+  rng = np.random.default_rng(0)
+  image = randaugment_images()[0][1]
+  for m in (0, 30):
+    assert data.parse_preprocess(f"randaugment(0,{m})")({"image": image}, rng)["image"] is image
+  assert rng.random() == np.random.default_rng(0).random()
+
+
+def test_randaugment_draws_each_operation_uniformly_from_big_visions_16():
+  """Per operation: the choice, then (inside the operation) its sign or Cutout centre."""
+  from common_jax.data import randaugment
+  names = list(randaugment.operations(10))
+  assert names == ["AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
+                   "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY",
+                   "TranslateX", "TranslateY", "Cutout", "SolarizeAdd"]
+  image = randaugment_images()[0][1]
+  op = data.parse_preprocess("randaugment(1,10)")
+  chosen = collections.Counter()
+  for seed in range(320):
+    expected_rng = np.random.default_rng(seed)
+    name = names[int(expected_rng.integers(0, 16))]
+    expected = randaugment.operations(10)[name](PIL.Image.fromarray(image), expected_rng)
+    rng = np.random.default_rng(seed)
+    assert op({"image": image}, rng)["image"].tobytes() == np.asarray(expected).tobytes(), name
+    assert rng.random() == expected_rng.random(), f"{name}: other draws"
+    chosen[name] += 1
+  assert set(chosen) == set(names) and min(chosen.values()) >= 8, chosen
+
+
+def test_every_randaugment_operation_runs_on_odd_sizes_and_grey_images():
+  from common_jax.data import randaugment
+  for m in (0, 0.5, 5, 10, 15, 20, 30):
+    for op_name, transform in randaugment.operations(m).items():
+      for name, image in randaugment_images():
+        rng = np.random.default_rng(0)
+        out = np.asarray(transform(PIL.Image.fromarray(image), rng))
+        assert out.dtype == np.uint8 and out.shape == image.shape, (op_name, m, name)
+        if name == "constant 3x7" and op_name in ("AutoContrast", "Equalize"):
+          np.testing.assert_array_equal(out, image)  # one level: nothing to stretch
+        if name.startswith("grey") and op_name not in ("Cutout", "Rotate", "ShearX", "ShearY",
+                                                          "TranslateX", "TranslateY"):
+          assert (out == out[:, :, :1]).all(), (op_name, m, "grey stays grey")
+
+
+def test_randaugment_magnitudes_map_to_big_visions_arguments():
+  """level = m / 10, as in big_vision's autoaugment.py: m = 0 is no no-op (Posterize, Solarize,
+  the enhancers act), m = 5 leaves the enhancers alone, m = 10 rotates by 30 degrees and
+  translates 100 of 224 pixels, Solarize stops at m = 10, Posterize at m = 20."""
+  from common_jax.data import randaugment
+  rng = np.random.default_rng(3)
+  image = rng.integers(1, 255, (224, 224, 3), np.uint8)
+  image[0, 0], image[0, 1] = 0, 255  # every channel spans 0..255: AutoContrast leaves it
+  pil = PIL.Image.fromarray(image)
+  def run(m, op_name, seed=0):
+    return np.asarray(randaugment.operations(m)[op_name](pil, np.random.default_rng(seed)))
+  unchanged = lambda m: {op_name for op_name in randaugment.operations(m)
+                         if np.array_equal(run(m, op_name), image)}
+  geometric = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout"}
+  enhancers = {"Color", "Contrast", "Brightness", "Sharpness"}
+  assert unchanged(0) == geometric | {"AutoContrast", "SolarizeAdd"}  # adds int(0) = 0
+  assert unchanged(5) == enhancers | {"AutoContrast"}
+  assert unchanged(10) == {"AutoContrast", "Solarize"}
+  assert unchanged(20) == {"AutoContrast", "Solarize", "Posterize"}
+  assert not run(0, "Posterize").any()
+  np.testing.assert_array_equal(run(0, "Solarize"), 255 - image)
+  np.testing.assert_array_equal(run(0, "Invert"), 255 - image)
+  np.testing.assert_array_equal(run(10, "Posterize"), image & 0b11110000)
+  np.testing.assert_array_equal(run(0, "Brightness"), (image * 0.1).astype(np.uint8))
+  np.testing.assert_array_equal(run(10, "SolarizeAdd"),
+                                np.where(image < 128, np.minimum(image + 110, 255), image))
+  grey = np.full_like(image, 128)
+  shifts = set()
+  for seed in range(8):  # ±100 pixels, the sign at random; grey comes in
+    out = run(10, "TranslateX", seed)
+    if np.array_equal(out, np.concatenate([image[:, 100:], grey[:, :100]], axis=1)):
+      shifts.add(100)
+    elif np.array_equal(out, np.concatenate([grey[:, :100], image[:, :124]], axis=1)):
+      shifts.add(-100)
+  assert shifts == {100, -100}
+  rotations = {run(10, "Rotate", seed).tobytes() for seed in range(8)}
+  assert rotations == {np.asarray(pil.rotate(angle, resample=PIL.Image.Resampling.NEAREST,
+                                             fillcolor=(128, 128, 128))).tobytes()
+                       for angle in (30, -30)}
+
+
+def test_randaugment_after_value_range_is_refused_with_the_fix(digits_dir):
+  with pytest.raises(ValueError) as error:
+    data.check_preprocess("decode|value_range(-1,1)|randaugment(2,10)", "config.preprocess_train",
+                          dataset="sklearn_digits", split="train", data_dir=digits_dir)
+  message = assert_one_sentence(error)
+  assert message.startswith("config.preprocess_train='decode|value_range(-1,1)|randaugment(2,10)'"
+                            " fails on example 0"), message
+  assert "randaugment needs uint8 [height, width, 3] images as decode gives them, got float32 " \
+         "of shape (8, 8, 3); put it after decode and before value_range" in message, message
+
+
 def encoded_images():
   """(name, encoded bytes) of files as image folders hold them: JPEG and PNG, RGB, grey, with
   alpha, with a palette, in sizes smaller and larger than the ops' outputs."""
@@ -170,6 +293,8 @@ def encoded_images():
     "decode|resize_small(16)|central_crop(12)|value_range(0,1,in_min=10,in_max=20)",
     "decode|resize((31,7))|random_crop(5,pad=2)|flip_lr|value_range(-1,1)",
     "decode|flip_lr|resize(64)|value_range(-0.5,2.5,in_min=-3,in_max=300)",
+    "decode|inception_crop(24)|flip_lr|randaugment(2,15)|value_range(-1,1)",
+    "decode|randaugment(4,30)|central_crop(5)",
     "decode|value_range(-1,1)",
     "decode",
 ])
@@ -233,15 +358,23 @@ def test_same_seed_same_batches_other_seed_other_batches(digits_dir):
   assert not np.array_equal(first[0]["image"], other[0]["image"])
 
 
-def test_resume_at_step_n_equals_the_unbroken_run_with_augmentation(digits_dir):
+RANDAUGMENT = "decode|random_crop(8,pad=1)|flip_lr|randaugment(2,15)|value_range(-1,1)"
+
+
+@pytest.mark.parametrize("preprocess", [AUGMENT, RANDAUGMENT])
+def test_resume_at_step_n_equals_the_unbroken_run_with_augmentation(preprocess, digits_dir):
   # 256 x 8 rows run past the 1,442-example epoch, so the resume crosses a reshuffle.
-  kwargs = dict(dataset="sklearn_digits", split="train", preprocess=AUGMENT,
+  kwargs = dict(dataset="sklearn_digits", split="train", preprocess=preprocess,
                 global_batch_size=256, seed=1, data_dir=digits_dir)
   unbroken = take(data.train_iterator(**kwargs), 8)
   resumed = take(data.train_iterator(**kwargs, start_step=5), 3)
   for a, b in zip(unbroken[5:], resumed):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
+  if preprocess == RANDAUGMENT:  # it did augment: the same crops and flips without it differ
+    plain = next(data.train_iterator(**{**kwargs, "preprocess": AUGMENT}))
+    np.testing.assert_array_equal(plain["label"], unbroken[0]["label"])
+    assert not np.array_equal(plain["image"], unbroken[0]["image"])
 
 
 def test_each_epoch_is_a_fresh_permutation_of_the_split(digits_dir):
@@ -654,6 +787,14 @@ PREPROCESS_MISTAKES = [  # (config string, what the sentence must name)
      "flip_lr()"),
     ("decode|resize(x=4)", "the op is resize(size)"),
     ("decode|inception_crop(4, area_min=-1)", "need 0 < area_min <= area_max <= 100"),
+    ("decode|randaugment(-1,10)", "'randaugment(-1,10)', with a bad argument: n (the number of "
+     "operations per image) must be a non-negative int, got -1; the op is randaugment(n, m)."),
+    ("decode|randaugment(2.0,10)", "must be a non-negative int, got 2.0"),
+    ("decode|randaugment(2,31)", "'randaugment(2,31)', with a bad argument: m (the magnitude) "
+     "must be a number from 0 to 30, got 31; the op is randaugment(n, m)."),
+    ("decode|randaugment(2,-0.5)", "from 0 to 30, got -0.5"),
+    ("decode|randaugment(2,'9')", "from 0 to 30, got '9'"),
+    ("decode|randaugment(2)", "missing a required argument: 'm'; the op is randaugment(n, m)."),
     ("decode||flip_lr", "the op '', which is not of the form name or name(args)"),
     ("decode|resize(224", "'resize(224', which is not of the form"),
     ("resize(4)|value_range(-1,1)", "starts with 'resize(4)'; start it with 'decode'"),

@@ -33,6 +33,7 @@ import PIL.Image
 from common_jax.data.ops import (  # pylint: disable=unused-import
     BadImageError, Example, Op, central_crop, decode, flip_lr, image_error_reason,
     inception_crop, random_crop, resize, resize_small, value_range)
+from common_jax.data.randaugment import randaugment
 
 
 OPS: dict[str, Callable[..., Op]] = {
@@ -43,6 +44,7 @@ OPS: dict[str, Callable[..., Op]] = {
     "random_crop": random_crop,
     "inception_crop": inception_crop,
     "flip_lr": flip_lr,
+    "randaugment": randaugment,
     "value_range": value_range,
 }
 
