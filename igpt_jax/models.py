@@ -111,7 +111,7 @@ class ImageGPT(nn.Module):
     if self.num_classes:
       self.clf = param("clf", nn.initializers.zeros, (self.num_classes, self.width),
                        ("classes", "embed"))
-    self.dropout = nn.Dropout(rate=self.dropout_rate)
+    self.dropout = layers.Dropout(rate=self.dropout_rate)
 
   # ---------------------------------------------------------------------------------------------
   # Pieces
@@ -309,7 +309,8 @@ class ModelSpec:
 
 
 def resolve_spec(variant: str, **overrides: Any) -> ModelSpec:
-  """Variant name ("S", "M", "L", "XL" or "custom") plus overrides (None = keep) -> ModelSpec.
+  """Variant name ("S", "M", "L", "XL" or "custom") plus overrides (None or 0 = the variant's
+  number) -> ModelSpec.
 
   `mlp_dim` defaults to 4 * width; "custom" needs width, depth and num_heads.
   """
@@ -324,7 +325,7 @@ def resolve_spec(variant: str, **overrides: Any) -> ModelSpec:
   else:
     raise ValueError(f"iGPT variant {variant!r} is unknown; use one of {', '.join(SIZES)} or "
                      "'custom' with explicit width/depth/num_heads.")
-  base.update({k: v for k, v in overrides.items() if v is not None})
+  base.update({k: v for k, v in overrides.items() if v not in (None, 0)})
   missing = {"width", "depth", "num_heads"} - set(base)
   if missing:
     raise ValueError(f"iGPT variant='custom' needs {sorted(missing)} set in the model config.")
