@@ -48,7 +48,8 @@ _MODE = flags.DEFINE_string(
     "family (palette, sample, probe, export).")
 _FORMAT = flags.DEFINE_string(
     "format", None, "--mode export: npz (official ViT layout) or safetensors (timm names) for a "
-    "ViT, hf (Hugging Face ImageGPT directory) for an iGPT; default: the first of these.")
+    "ViT, hf (Hugging Face ImageGPT directory) for an iGPT, stablehlo (the inference function, "
+    "jax.export) for either; default: the family's first.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode export: the file (or directory) to write.")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "--mode export: replace an existing --output that is itself an earlier "

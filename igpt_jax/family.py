@@ -5,7 +5,8 @@ Tasks: `igpt_ar` (next-pixel prediction), `igpt_bert` (masked pixels), `igpt_fin
 `config.init_from`). The objective is named by the task alone.
 Modes besides train, eval and plan: `palette` (fit the k-means colour palette), `sample`
 (completions and unconditional samples as PNG grids), `probe` (linear probes per layer against
-the raw pixels), `export` (`--format hf`, a Hugging Face ImageGPT directory).
+the raw pixels), `export` (`--format hf`, a Hugging Face ImageGPT directory; `--format
+stablehlo`, ids -> logits for serving, `common_jax.serving`).
 Every run reads the palette of `palette_path(run)`; a training run fits it first when missing.
 """
 
@@ -21,10 +22,12 @@ import igpt_jax
 from common_jax import checkpoint
 from common_jax import family
 from common_jax import plan
+from common_jax import serving
 from common_jax import trees
 from common_jax import weights
 from common_jax.task import Task
 from igpt_jax import models
+from igpt_jax import pretrained
 from igpt_jax import probe
 from igpt_jax import sampling
 from igpt_jax import tasks
@@ -96,7 +99,7 @@ class IgptFamily(family.Family):
   writing_modes = ("train", "palette", "sample", "probe")
   resume_free_fields = ("sample", "probe_layers", "probe_l2", "probe_folds", "palette_iterations",
                         "palette_max_pixels")
-  export_formats = ("hf",)
+  export_formats = ("hf", serving.FORMAT)
 
   def __init__(self):
     super().__init__()
@@ -294,8 +297,10 @@ class IgptFamily(family.Family):
     return 0
 
   def is_export(self, path: str, export_format: str) -> bool:
-    """A Hugging Face ImageGPT directory (config.json with model_type imagegpt)."""
-    del export_format  # hf only
+    """A Hugging Face ImageGPT directory (config.json with model_type imagegpt), or an iGPT
+    serving export."""
+    if export_format == serving.FORMAT:
+      return serving.is_export(path, self.name)
     try:
       with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         return json.load(f).get("model_type") == "imagegpt"
@@ -303,10 +308,39 @@ class IgptFamily(family.Family):
       return False
 
   def export_checkpoint(self, run: family.Run, output: str, export_format: str) -> str:
-    del export_format  # hf only
     clusters = igpt_jax.load_palette(palette_path(run))
+    if export_format == serving.FORMAT:
+      return self._export_serving(run, output, clusters)
     return igpt_jax.export_hf_from_checkpoint(run.workdir, self.model(run), output, clusters,
                                               overwrite=run.export.overwrite)
+
+  def _export_serving(self, run: family.Run, output: str, clusters: np.ndarray) -> str:
+    """The latest checkpoint's next-pixel (or BERT) logits as StableHLO: ids -> logits, batch
+    symbolic; the palette that maps pixels to ids goes into spec.json."""
+    if run.task not in TASKS:
+      raise family.ConfigError(f"--format stablehlo exports the iGPT tasks {sorted(TASKS)}, and "
+                               f"config.task={run.task!r} is not one of them; export with "
+                               "--format hf instead.")
+    model = self.model(run)
+    serving.check_size(self.abstract_params(run), f"iGPT {run.variant}")
+    with weights.read_workdir(run.workdir) as stored:
+      step = stored.step
+    params = pretrained.read_checkpoint_params(run.workdir, model, step)
+    batch = serving.BATCH
+    ids = serving.TensorSpec(
+        "ids", (batch, model.seq_len), "int32",
+        f"palette ids in [0, {model.num_clusters}) of the pixels in raster order: "
+        "igpt_jax.quantize(images in [-1, 1], palette) with spec.json's palette")
+    meaning = ("position t predicts id t from the ids before it" if model.causal else
+               "every position's id given all ids (none masked)")
+    logits = serving.TensorSpec("logits", (batch, model.seq_len, model.num_clusters), "float32",
+                                f"unnormalised log-probabilities over the palette: {meaning}")
+    inference = serving.portable(model)
+    return serving.export(
+        lambda p, x: inference.apply({"params": p}, x), params, ids, logits, output,
+        about=dict(serving.describe_run(run, step, self.name),
+                   palette=np.asarray(clusters, np.float32).tolist()),
+        overwrite=run.export.overwrite)
 
 
 def _probe_report(results, baseline, folds: int, train_split: str) -> dict:

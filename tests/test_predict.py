@@ -65,3 +65,23 @@ def test_bad_input_is_one_sentence(tmp_path, capsys):
   (tmp_path / "empty" / "x.png").write_bytes(b"")
   assert run.dispatch(config, str(tmp_path / "w"), "predict") == 2
   assert "holds no checkpoint and config.init_from is empty" in capsys.readouterr().err
+
+
+def test_a_workdir_checkpoint_is_used_when_there_is_one(tmp_path, capsys):
+  from common_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  config = _config(tmp_path)
+  family, prepared = run.read(config, str(tmp_path / "w"), "predict")
+  rng = np.random.default_rng(1)
+  params = jax.tree_util.tree_map(lambda leaf: rng.normal(0, 0.5, leaf.shape).astype(leaf.dtype),
+                                  nn.meta.unbox(family.abstract_params(prepared)))
+  writer = checkpoint.Checkpointer(str(tmp_path / "w"), asynchronous=False)
+  writer.save(7, {"step": np.int32(7), "params": params})
+  writer.close()
+  folder = tmp_path / "images"
+  folder.mkdir()
+  Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / "x.png")
+  config = _config(tmp_path, predict_input=str(folder))
+  assert run.dispatch(config, str(tmp_path / "w"), "predict") == 0
+  assert f"with step 7 of {tmp_path / 'w'}" in capsys.readouterr().out
+  with open(tmp_path / "w" / "predictions.csv") as f:
+    assert len(list(csv.reader(f))) == 2

@@ -1,7 +1,8 @@
 """The ViT family: its task, the config fields it reads, its checks, pretrained weights (an
 official .npz, a timm .safetensors or another run's workdir in `config.init_from`) and the
-export mode (`--format npz` in the official layout, `--format safetensors` with timm names) and
-the fewshot mode (few-shot linear evaluation of the pre-logit features, `vit_jax.fewshot`)."""
+export mode (`--format npz` in the official layout, `--format safetensors` with timm names,
+`--format stablehlo` the classifier for serving, `common_jax.serving`) and the fewshot mode
+(few-shot linear evaluation of the pre-logit features, `vit_jax.fewshot`)."""
 
 import dataclasses
 import json
@@ -17,6 +18,7 @@ import math
 from common_jax import checkpoint
 from common_jax import family
 from common_jax import plan
+from common_jax import serving
 from common_jax import trees
 from common_jax import weights
 from vit_jax import attention_analysis
@@ -24,6 +26,7 @@ from vit_jax import fewshot
 from vit_jax import models
 from vit_jax import mpp
 from vit_jax import predict as predict_lib
+from vit_jax import pretrained
 from vit_jax import tasks
 
 
@@ -61,7 +64,7 @@ class VitFamily(family.Family):
   name = "ViT"
   tasks = {"vit_classification": _classification, "vit_masked_patch": _masked_patch}
   settings = Settings
-  export_formats = ("npz", "safetensors")
+  export_formats = ("npz", "safetensors", serving.FORMAT)
   # fewshot writes <workdir>/fewshot.json, attention its plots and numbers
   writing_modes = ("train", "fewshot", "attention", "predict")
   resume_free_fields = ("fewshot_shots", "fewshot_seeds", "fewshot_l2", "eval_top5",
@@ -132,11 +135,15 @@ class VitFamily(family.Family):
     return vit_jax.pretrained_initializer(run.init_from, self.model(run))
 
   def export_checkpoint(self, run: family.Run, output: str, export_format: str) -> str:
+    if export_format == serving.FORMAT:
+      return self._export_serving(run, output)
     return vit_jax.export_from_checkpoint(run.workdir, self.model(run), output,
                                           export_format)
 
   def is_export(self, path: str, export_format: str) -> bool:
-    """An npz in the official layout, or safetensors with timm's names."""
+    """An npz in the official layout, safetensors with timm's names, or a ViT serving export."""
+    if export_format == serving.FORMAT:
+      return serving.is_export(path, self.name)
     read, name = {"npz": (weights.read_npz, "embedding/kernel"),
                   "safetensors": (lambda p: weights.read_safetensors([p]),
                                   "patch_embed.proj.weight")}[export_format]
@@ -145,6 +152,29 @@ class VitFamily(family.Family):
         return name in tensors.shapes
     except (ValueError, OSError):
       return False
+
+  def _export_serving(self, run: family.Run, output: str) -> str:
+    """The classifier of the latest checkpoint as StableHLO: images -> logits, batch symbolic."""
+    if run.task != "vit_classification":
+      raise family.ConfigError(f"--format stablehlo exports a classifier, and config.task="
+                               f"{run.task!r} trains another model; export its weights with "
+                               "--format npz or safetensors instead.")
+    model = self.model(run)
+    serving.check_size(self.abstract_params(run), f"ViT {run.variant}")
+    step, params = pretrained.read_checkpoint_params(run.workdir, model)
+    size, batch = run.image_size, serving.BATCH
+    images = serving.TensorSpec(
+        "images", (batch, size, size, 3), "float32",
+        f"RGB in [-1, 1], prepared as config.preprocess_eval={run.data.preprocess_eval!r}")
+    logits = serving.TensorSpec(
+        "logits", (batch, run.num_classes), "float32",
+        f"class scores before the {'sigmoid' if run.settings.loss == 'sigmoid' else 'softmax'} "
+        f"of config.loss={run.settings.loss!r}")
+    inference = serving.portable(model)
+    return serving.export(
+        lambda p, x: inference.apply({"params": p}, x), params, images, logits, output,
+        about=dict(serving.describe_run(run, step, self.name),
+                   preprocess=run.data.preprocess_eval), overwrite=run.export.overwrite)
 
   def fewshot(self, run: family.Run) -> int:
     """Few-shot linear evaluation of the workdir's latest checkpoint (`vit_jax.fewshot`): prints
@@ -203,7 +233,7 @@ class VitFamily(family.Family):
     the weights of config.init_from) and writes the top-5 labels and probabilities as CSV."""
     model = self.model(run)
     if family.has_checkpoints(run.workdir):
-      step, params = vit_jax.read_checkpoint_params(run.workdir, model)
+      step, params = pretrained.read_checkpoint_params(run.workdir, model)
       source = f"step {step} of {run.workdir}"
     else:
       images = np.zeros((1, run.image_size, run.image_size, 3), np.float32)
