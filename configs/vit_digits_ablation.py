@@ -10,9 +10,11 @@ table, or a table per block), learned 2-D, fixed 2-D sine-cosine, and a learned 
 `classifier`: class token and global average pooling, each at two learning rates (the paper
 finds each works with its own). Each run trains 600 steps (the default job trains 2,000) in
 `<workdir>/<name>`; the table of test accuracies is printed and written to
-`<workdir>/sweep.md`. Expected: each sweep takes 8-12 minutes on 2 CPU cores; the README shows
-the measured tables. The 8x8 digits have 16 patches of 2x2 pixels: these are digits-scale
-numbers, not the paper's.
+`<workdir>/sweep.md`. Expected (measured on 2 CPU cores): posemb 9m25s, from 47.3% without
+position information to 86-92% with an absolute embedding (relative bias: 73.0%); classifier
+3m12s, token 87.3% and gap 88.2% at lr 3e-3 (65.9% and 69.3% at 1e-3). The README shows both
+tables. The 8x8 digits have 16 patches of 2x2 pixels: these are digits-scale numbers, not the
+paper's.
 """
 
 import ml_collections

@@ -10,7 +10,9 @@ scale; configs/vit_mpp.py is the paper-scale recipe).
 The default job's model and augmentation; pre-training 1,000 steps (labels unused) and
 fine-tuning 1,000 steps, against 2,000 steps of supervised training from scratch (the default
 job itself). Each step costs the same, so the budgets are equal. The digits are grey, so of the
-512 mean colours only the 8 grey levels occur. Expected: the README shows the measured table.
+512 mean colours only the 8 grey levels occur. Expected (measured on 2 CPU cores, one run
+each): pre-training 2m31s, fine-tuning 94.93% in 1m56s, against 98.03% from scratch for 2,000
+steps (96.90% for 1,000): at this scale the self-supervision does not pay.
 """
 
 import ml_collections
