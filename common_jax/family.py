@@ -238,7 +238,8 @@ class Family:
     result = train.train_and_evaluate(
         task, loop=run.loop, optimizer=run.optimizer, mesh_config=run.mesh, workdir=run.workdir,
         train_data=run.train_data, eval_data=run.eval_data, rules=run.rules,
-        initial_params=run.initial_params, flops_per_example=self.flops_per_example(run))
+        initial_params=run.initial_params, flops_per_example=self.flops_per_example(run),
+        evaluators=self.evaluators(run))
     if result["stopped"]:
       return EXIT_STOPPED
     if result["eval"] and is_main_process():
@@ -319,6 +320,11 @@ class Family:
     """The task `plan` compiles: `make_task`, or a stand-in of the same shapes where the task
     needs a file that may not exist yet."""
     return self.make_task(run)
+
+  def evaluators(self, run: Run) -> List[Callable[[Any], Dict[str, float]]]:
+    """More evaluations the loop runs with every evaluation (params -> {name: value})."""
+    del run
+    return []
 
   def flops_per_example(self, run: Run) -> Optional[float]:
     """Training FLOPs of one example by formula (`plan.transformer_flops_per_example`), or

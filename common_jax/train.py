@@ -200,6 +200,7 @@ def train_and_evaluate(
     initial_params: Optional[Callable[[Any], Any]] = None,
     tensorboard: bool = True,
     flops_per_example: Optional[float] = None,
+    evaluators: Sequence[Callable[[Any], Dict[str, float]]] = (),
 ) -> Dict[str, Any]:
   """Trains `task` to `loop.total_steps`, resuming from the latest checkpoint in `workdir`.
 
@@ -211,6 +212,9 @@ def train_and_evaluate(
     flops_per_example: the model's training FLOPs per example (the family's formula, see
       `common_jax.plan`); with it every progress line and metrics record carries the FLOP/s per
       device and the MFU against the device's peak (`common_jax.mfu.device_peak`).
+    evaluators: more evaluations, each params -> {metric name: value}, run with every
+      evaluation (outside the mesh's activation constraints) and logged beside it, e.g. the
+      ViT family's few-shot evaluation (`config.fewshot_in_eval`).
 
   Returns:
     dict with "step", "stopped" (True when a signal ended the run early), "eval" (last
@@ -259,7 +263,11 @@ def train_and_evaluate(
     def run_eval(at_step: int) -> Dict[str, float]:
       began = time.perf_counter()
       ema = optim.polyak_params(state.opt_state)  # config.optimizer.ema_decay
-      results = trainer.evaluate(state.params if ema is None else ema, eval_data())
+      params = state.params if ema is None else ema
+      results = trainer.evaluate(params, eval_data())
+      with jax.set_mesh(None), nn.logical_axis_rules([]):  # plain jit, any batch size
+        for evaluate in evaluators:
+          results.update(evaluate(params))
       writer.write(at_step, {f"eval/{k}": v for k, v in results.items()})
       writer.print(f"eval{'' if ema is None else ' (moving average)'} at step {at_step}: " +
                    ", ".join(f"{k} {v:.4f}" for k, v in results.items()) +

@@ -70,6 +70,7 @@ def add_vit_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   config.fewshot_seeds = 3
   config.fewshot_l2 = 1024.0  # 2**10, as big_vision
   config.eval_top5 = False  # evaluations also report top5_accuracy
+  config.fewshot_in_eval = False  # every evaluation also runs the few-shot evaluation
   config.mask_prob = 0.5  # task vit_masked_patch: the fraction of patches corrupted
   config.loss = "softmax"  # "softmax" or "sigmoid" cross-entropy (AugReg pre-trains with sigmoid)
   config.mixup = 0.0  # mixup: p of Beta(p, p) (AugReg: 0.2 or 0.5); 0 = none

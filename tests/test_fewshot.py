@@ -203,3 +203,21 @@ def test_fewshot_mode_on_a_trained_digits_workdir(tmp_path):
   assert too_many.returncode == 2
   assert too_many.stderr.strip().splitlines()[-1].startswith(
       "error: config.fewshot_shots asks for 500 training examples per class but class")
+
+
+def test_the_loop_runs_the_fewshot_evaluation_with_every_evaluation(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top,reimported
+  import run as run_lib  # pylint: disable=g-import-not-at-top
+  from configs import vit_digits  # pylint: disable=g-import-not-at-top,reimported
+  config = vit_digits.get_config()
+  config.update(total_steps=4, log_every=2, eval_every=2, data_dir=str(tmp_path / "data"),
+                fewshot_in_eval=True, fewshot_shots=(1, 5), fewshot_seeds=1)
+  config.optimizer.warmup_steps = 0
+  config.model.update(width=16, depth=1, mlp_dim=32, num_heads=2)
+  assert run_lib.dispatch(config, str(tmp_path / "w")) == 0
+  records = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
+  evaluated = [r for r in records if "eval/accuracy" in r]
+  assert [r["step"] for r in evaluated] == [2, 4]
+  for record in evaluated:
+    assert 0 <= record["eval/fewshot/1shot_accuracy"] <= 1
+    assert 0 <= record["eval/fewshot/5shot_accuracy"] <= 1

@@ -39,6 +39,7 @@ class Settings:
   fewshot_seeds: int = fewshot.DEFAULT_SEEDS
   fewshot_l2: float = fewshot.DEFAULT_L2
   eval_top5: bool = False  # evaluations also report top5_accuracy
+  fewshot_in_eval: bool = False  # every evaluation also runs the few-shot evaluation
   mask_prob: float = 0.5  # vit_masked_patch: the fraction of patches corrupted
   loss: str = "softmax"  # vit_classification: "softmax" or "sigmoid" cross-entropy
   mixup: float = 0.0  # vit_classification: p of mixup's Beta(p, p); 0 = none
@@ -68,6 +69,7 @@ class VitFamily(family.Family):
   # fewshot writes <workdir>/fewshot.json, attention its plots and numbers
   writing_modes = ("train", "fewshot", "attention", "predict")
   resume_free_fields = ("fewshot_shots", "fewshot_seeds", "fewshot_l2", "eval_top5",
+                        "fewshot_in_eval",
                         "predict_input", "predict_output")
 
   def __init__(self):
@@ -98,6 +100,18 @@ class VitFamily(family.Family):
               + (model.classifier == "token"))
     return plan.transformer_flops_per_example(per_token, tokens, model.depth, model.width)
 
+  def evaluators(self, run: family.Run):
+    """With config.fewshot_in_eval, the few-shot evaluation (`vit_jax.fewshot`) at every
+    evaluation of a vit_classification run, logged as eval/fewshot/<k>shot_accuracy."""
+    if not run.settings.fewshot_in_eval:
+      return []
+    settings = run.settings
+    return [fewshot.make_evaluator(
+        self.model(run), lambda: run.eval_data(run.data.train_split, whole=True),
+        lambda: run.eval_data(whole=True), num_classes=run.num_classes,
+        shots=tuple(settings.fewshot_shots), seeds=settings.fewshot_seeds,
+        l2=settings.fewshot_l2)]
+
   def uses_labels(self, run: family.Run) -> bool:
     """Masked patch prediction reads images only (fewshot reads labels whatever trained it)."""
     return run.task != "vit_masked_patch" or run.mode == "fewshot"
@@ -114,6 +128,12 @@ class VitFamily(family.Family):
                                  "config.model.scan_layers=False; set those.")
     if run.mode == "predict":
       self._check_predict(run)
+    if run.settings.fewshot_in_eval and run.mode == "train":
+      if run.task != "vit_classification":
+        raise family.ConfigError(f"config.fewshot_in_eval=True evaluates a classifier's features, "
+                                 f"and config.task={run.task!r}; set it False.")
+      fewshot.check_settings(tuple(run.settings.fewshot_shots), run.settings.fewshot_seeds,
+                             run.settings.fewshot_l2)
     if run.mode != "fewshot":
       return
     if not isinstance(self.model(run), models.VisionTransformer):
