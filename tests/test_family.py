@@ -83,7 +83,7 @@ def test_a_task_and_a_mode_added_to_a_family_run_through_the_dispatch(tmp_path, 
   assert run.dispatch(config, str(workdir), "note") == 2
   assert capsys.readouterr().err.strip() == (
       "error: --mode note is not a mode of ViT tasks such as 'pixel_linear'; use one of train, "
-      "eval, plan, sweep, export, fewshot.")
+      "eval, plan, sweep, export, fewshot, attention, predict.")
 
 
 def _igpt_config(data_dir, **overrides):

@@ -148,10 +148,12 @@ def test_local_launch_exits_with_the_failure_and_stops_the_others(tmp_path):
 
 def test_local_launch_stops_all_processes_on_ctrl_c(tmp_path):
   python = _fake_python(tmp_path, _STOPPABLE)
+  # A shell cannot trap a signal ignored when it started, and a test run started in the
+  # background (`make test &`) ignores SIGINT: the launcher starts with it at its default.
   launcher = subprocess.Popen(
       ["bash", SCRIPTS["local"], "-p", "12345", "-l", str(tmp_path / "logs"), "2", "--c=x"],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(PYTHON=python),
-      cwd=ROOT)
+      cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   deadline = time.monotonic() + 30
   while not all((tmp_path / f"started_{i}").exists() for i in range(2)):
     assert time.monotonic() < deadline and launcher.poll() is None
