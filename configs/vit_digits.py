@@ -6,8 +6,8 @@ Data: scikit-learn's 1,797 real 8x8 digit images (tfds builder `sklearn_digits`,
 1,442/355 train/test split), no download. Model: ViT with patch 2 (16 tokens), width 64,
 4 blocks, global average pooling, dropout 0.1; AdamW (weight decay 0.1), 2,000 steps of batch
 128, random translations by up to one pixel.
-Expected: >= 97% test accuracy (97.18% and 97.75% measured on two 2-core CPU machines) in 2.5 to
-5 minutes.
+Expected: >= 97% test accuracy in 2.5 to 5 minutes on 2 CPU cores (98.03% in 3m49s measured with
+the present dropout masks and example order; 97.18% and 97.75% before them, on two machines).
 """
 
 import ml_collections
