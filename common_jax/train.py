@@ -265,8 +265,8 @@ def train_and_evaluate(
       ema = optim.polyak_params(state.opt_state)  # config.optimizer.ema_decay
       params = state.params if ema is None else ema
       results = trainer.evaluate(params, eval_data())
-      with jax.set_mesh(None), nn.logical_axis_rules([]):  # plain jit, any batch size
-        for evaluate in evaluators:
+      for evaluate in evaluators:
+        with jax.set_mesh(None), nn.logical_axis_rules([]):  # plain jit, any batch size
           results.update(evaluate(params))
       writer.write(at_step, {f"eval/{k}": v for k, v in results.items()})
       writer.print(f"eval{'' if ema is None else ' (moving average)'} at step {at_step}: " +
