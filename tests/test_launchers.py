@@ -18,14 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import textwrap
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+
+from test_resilience import _state  # the whole saved train state, flattened
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {name: os.path.join(ROOT, "scripts", f"launch_{name}.sh")
@@ -162,17 +161,6 @@ def test_local_launch_stops_all_processes_on_ctrl_c(tmp_path):
   _, stderr = launcher.communicate(timeout=30)
   assert launcher.returncode == 75, stderr  # the processes' own status: stopped, checkpointed
   assert all((tmp_path / f"stopped_{i}").exists() for i in range(2))
-
-
-def _state(workdir, step):
-  """The whole saved train state at `step` as host numpy arrays, flattened."""
-  path = os.path.join(workdir, "checkpoints", str(step), "default")
-  with ocp.PyTreeCheckpointer() as reader:
-    metadata = reader.metadata(path).item_metadata.tree
-    state = reader.restore(path, args=ocp.args.PyTreeRestore(
-        restore_args=jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                            metadata)))
-  return ocp.tree.to_flat_dict(state)
 
 
 def _train_records(workdir):
