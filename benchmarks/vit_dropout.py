@@ -15,7 +15,7 @@ every step (a constant key lets XLA precompute the masks). Rows:
 With --candidates, our model again with the masks `common_jax.layers.Dropout` rejected:
 nn.Dropout's, threefry 8 bits per element, rbg 8 bits per element.
 
-Columns: ms per step (median over rounds, and the spread), XLA's FLOPs of the compiled step,
+Columns: ms per step (median over rounds, and the spread), XLA's FLOPs of the lowered step,
 the fraction of the float32 matmul rate measured in the same rounds
 (`common_jax.mfu.measured_matmul_rate`), dropout's cost over the no-dropout step, speed relative
 to the plain Flax step, and the same on CPU seconds per step. Timings on a shared CPU move:
@@ -114,8 +114,8 @@ CANDIDATES = {
 
 
 def _plain_step(model, tx, images, labels, dropout_class=None):
-  """(compiled step, run(index) -> loss): run holds the parameters and optimiser state; the
-  compiled step is jit(value_and_grad + update) of (params, opt_state, images, labels, index)."""
+  """(lowered step, run(index) -> loss): run holds the parameters and optimiser state; the
+  step is jit(value_and_grad + update) of (params, opt_state, images, labels, index)."""
   params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])["params"])
 
   def step(params, opt_state, images, labels, index):
@@ -134,8 +134,9 @@ def _plain_step(model, tx, images, labels, dropout_class=None):
   if dropout_class is not None:  # swapped in while the step is traced
     layers.Dropout = dropout_class
   try:
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-        params, opt_state, images, labels, jnp.int32(0)).compile()
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, opt_state, images, labels, jnp.int32(0))
+    compiled = lowered.compile()
   finally:
     layers.Dropout = original
   state = [params, opt_state]
@@ -144,7 +145,7 @@ def _plain_step(model, tx, images, labels, dropout_class=None):
     state[0], state[1], loss = compiled(state[0], state[1], images, labels, jnp.int32(index))
     return loss
 
-  return compiled, run
+  return lowered, run
 
 
 def _trainer_step(variant, image_size, rate, tx, images, labels):
@@ -155,7 +156,8 @@ def _trainer_step(variant, image_size, rate, tx, images, labels):
   batch = sharding.global_batch({"image": np.asarray(images), "label": np.asarray(labels)}, mesh)
   with trainer.context():
     state = trainer.init(jax.random.PRNGKey(0))
-    compiled = trainer.train_step.lower(state, batch).compile()
+    lowered = trainer.train_step.lower(state, batch)
+    compiled = lowered.compile()
   holder = [state]
 
   def run(index):  # the Trainer folds state.step into the key: a new key every step
@@ -163,7 +165,7 @@ def _trainer_step(variant, image_size, rate, tx, images, labels):
     holder[0], metrics = compiled(holder[0], batch)
     return metrics["loss"]
 
-  return compiled, run
+  return lowered, run
 
 
 def main():
@@ -203,8 +205,8 @@ def main():
                                      dropout_class)
   steps, flops = {}, {}
   for name, build in rows.items():
-    compiled, steps[name] = build()
-    flops[name] = mfu.step_flops(compiled, 1)
+    lowered, steps[name] = build()
+    flops[name] = mfu.step_flops(lowered)
     jax.block_until_ready(steps[name](0))  # warm up
 
   times = {name: [] for name in rows}

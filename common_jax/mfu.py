@@ -52,14 +52,19 @@ def device_peak(device: Optional[jax.Device] = None) -> Tuple[float, str]:
                 f"{rate / 1e9:.1f} GFLOP/s")
 
 
-def step_flops(compiled, num_devices: int) -> Optional[float]:
-  """FLOPs of one call of a compiled function partitioned over `num_devices` (XLA counts one
-  partition), all devices together; None when XLA gives no cost analysis."""
-  cost = compiled.cost_analysis()
+def step_flops(lowered) -> Optional[float]:
+  """FLOPs of one call of a lowered (`jax.jit(f).lower(...)`) function, all devices together;
+  None when XLA gives no cost analysis.
+
+  The count is XLA's cost analysis of the program as lowered, before the backend's passes: a
+  compiled GPU program has its matrix products rewritten into library calls (cuBLAS, cuDNN) that
+  the analysis does not count, and a compiled partitioned program counts one device's share.
+  """
+  cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   if not cost or "flops" not in cost:
     return None
-  return float(cost["flops"]) * num_devices
+  return float(cost["flops"])
 
 
 def utilisation(flops_per_step: float, steps_per_second: float, num_devices: int,

@@ -67,10 +67,9 @@ def device_memory(configured_gb: float) -> Optional[int]:
   return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def plan_step(trainer: train.Trainer, batch_size: int,
-              formula_flops_per_example: Optional[float],
-              device_memory_gb: float = 0.0) -> PlanReport:
-  """Compiles `trainer.train_step` for a global batch of `batch_size` (shapes only)."""
+def lower_step(trainer: train.Trainer, batch_size: int):
+  """(lowered `trainer.train_step` for a global batch of `batch_size`, the abstract state):
+  shapes only, nothing allocated."""
   with trainer.context():
     state = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
     batch = {key: jax.ShapeDtypeStruct((batch_size,) + value.shape[1:], value.dtype,
@@ -79,12 +78,21 @@ def plan_step(trainer: train.Trainer, batch_size: int,
     state = jax.tree_util.tree_map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
         state, trainer.state_shardings)
-    compiled = trainer.train_step.lower(state, batch).compile()
+    return trainer.train_step.lower(state, batch), state
+
+
+def plan_step(trainer: train.Trainer, batch_size: int,
+              formula_flops_per_example: Optional[float],
+              device_memory_gb: float = 0.0) -> PlanReport:
+  """Compiles `trainer.train_step` for a global batch of `batch_size` (shapes only)."""
+  lowered, state = lower_step(trainer, batch_size)
+  with trainer.context():
+    compiled = lowered.compile()
   param_device, param_total = _bytes(state.params, trainer.state_shardings.params)
   opt_device, opt_total = _bytes(state.opt_state, trainer.state_shardings.opt_state)
   memory = compiled.memory_analysis()
   temp = int(memory.temp_size_in_bytes) if memory is not None else None
-  flops = mfu.step_flops(compiled, trainer.mesh.size)
+  flops = mfu.step_flops(lowered)
   return PlanReport(
       parameters=sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params)),
       param_bytes_per_device=param_device, opt_bytes_per_device=opt_device,
