@@ -11,7 +11,7 @@ train: $(VENV)/.base
 	$(PY) run.py
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 setup: $(VENV)/.base
 

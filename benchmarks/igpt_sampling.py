@@ -41,8 +41,15 @@ transformers 5.24.0, width 256, depth 4, 8 heads, 512 clusters, top_k 40, temper
       8          283.3 (1)            653.4      2.31x               2.39         273x
      32          680.7 (1)           1257.3      1.85x               2.87         438x
 
+  the same command on the idle machine, load average 0.9 at the start, 1.9 at the end
+  (2026-11-27 03:51-04:01 UTC):
+  batch  HF tokens/s (threads)  ours tokens/s  ours/HF  no-cache tokens/s  ours/no-cache
+      1          210.4 (1)           1475.5      7.01x               8.73         169x
+      8          779.7 (2)           1941.8      2.49x               6.14         316x
+     32         1342.2 (2)           2772.7      2.07x               5.03         551x
+
 Same tokens as the no-cache decoder in every row. At batch 8 and 32 the ratio to Hugging Face is
-about 2x, within the run-to-run noise of this machine on either side of it: at batch 32 and
+2.0-2.5x on the idle machine and moves to either side of 2x under load: at batch 32 and
 640 cached positions a step takes 17 ms, about 3 of them the weight matmuls and the rest
 reading the key/value cache (DRAM bandwidth here: 5 GB/s per thread). Each run takes 12-15
 minutes, most of it Hugging Face at batch 32 (its first full run there took 112 s both times,

@@ -78,8 +78,52 @@ def dot_product_attention(
     raise ValueError(
         f"attention_implementation={implementation!r} is not supported; use one of "
         f"{ATTENTION_IMPLEMENTATIONS}.")
+  if implementation == "cudnn" and (query.shape[1] % 2 or key.shape[1] % 2):
+    return even_length_attention(query, key, value, causal=causal, mask=mask, bias=bias,
+                                 implementation=implementation)
   return jax.nn.dot_product_attention(
       query, key, value, bias=bias, mask=mask, is_causal=causal, implementation=implementation)
+
+
+def even_length_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    causal: bool = False,
+    mask: Optional[jax.Array] = None,
+    bias: Optional[jax.Array] = None,
+    implementation: Optional[str] = None,
+) -> jax.Array:
+  """`dot_product_attention` with odd lengths padded by one position that no query sees.
+
+  cuDNN's flash attention in JAX (0.10 and 0.11) trains only on even lengths: ViT's 197 tokens
+  (196 patches and the class token) are refused. Query, key and value get one zero position
+  at the end of an odd length, the real lengths go to JAX as `query_seq_lengths` and
+  `key_value_seq_lengths` (a padding mask: no query attends to the added key), `bias` and
+  `mask` are padded alike, and the added query's output is dropped. The result equals the
+  unpadded attention, which tests check through the XLA implementation.
+  """
+  batch, q_length = query.shape[:2]
+  kv_length = key.shape[1]
+  q_pad, kv_pad = q_length % 2, kv_length % 2
+  along_length = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+
+  def logits_shaped(x, fill):  # [..., q, kv] broadcastable; size-1 axes stay broadcast
+    if x is None:
+      return None
+    x = jnp.asarray(x)
+    widths = [(0, 0)] * (x.ndim - 2) + [(0, q_pad if x.shape[-2] > 1 else 0),
+                                        (0, kv_pad if x.shape[-1] > 1 else 0)]
+    return jnp.pad(x, widths, constant_values=fill)
+
+  out = jax.nn.dot_product_attention(
+      along_length(query, q_pad), along_length(key, kv_pad), along_length(value, kv_pad),
+      bias=logits_shaped(bias, 0), mask=logits_shaped(mask, False), is_causal=causal,
+      query_seq_lengths=jnp.full((batch,), q_length, jnp.int32),
+      key_value_seq_lengths=jnp.full((batch,), kv_length, jnp.int32),
+      implementation=implementation)
+  return out[:, :q_length]
 
 
 def check_remat_policy(remat_policy: str) -> None:

@@ -3,6 +3,7 @@ model runs, never what it computes: equal outputs and gradients, equal train ste
 mesh, unchanged parameter counts, and weights that load and export bit-identically in either
 block layout."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -526,3 +527,58 @@ def test_switches_from_the_command_line(tmp_path):
   assert bad.returncode == 2, bad.stdout + bad.stderr
   assert ("config.model.remat_policy='some' is unknown; use one of none, dots_saveable, full."
           in bad.stderr)
+
+
+@pytest.mark.parametrize("case", ["plain", "bias", "causal", "mask", "even kv"])
+def test_even_length_attention_equals_unpadded(case):
+  """The one-position padding that lets cuDNN train on ViT's odd token counts changes nothing:
+  outputs and gradients equal the unpadded attention (both through XLA here)."""
+  rng = np.random.default_rng(0)
+  q_length, kv_length = 7, (8 if case == "even kv" else 7)
+  query = jnp.asarray(rng.normal(size=(2, q_length, 3, 8)), jnp.float32)
+  key, value = (jnp.asarray(rng.normal(size=(2, kv_length, 3, 8)), jnp.float32)
+                for _ in range(2))
+  options = dict(
+      bias=(jnp.asarray(rng.normal(size=(1, 3, q_length, kv_length)), jnp.float32)
+            if case == "bias" else None),
+      mask=(jnp.asarray(rng.random((2, 1, q_length, kv_length)) < 0.7).at[..., 0].set(True)
+            if case == "mask" else None),
+      causal=case == "causal")
+  weights_out = jnp.asarray(rng.normal(size=(2, q_length, 3, 8)), jnp.float32)
+
+  def loss(attend, query, key, value):
+    return jnp.sum(attend(query, key, value) * weights_out)
+
+  plain = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, bias=options["bias"], mask=options["mask"], is_causal=options["causal"])
+  padded = lambda q, k, v: layers.even_length_attention(q, k, v, implementation="xla",
+                                                        **options)
+  np.testing.assert_allclose(padded(query, key, value), plain(query, key, value),
+                             rtol=1e-5, atol=1e-6)
+  expected = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2))(query, key, value)
+  got = jax.grad(functools.partial(loss, padded), argnums=(0, 1, 2))(query, key, value)
+  for a, b in zip(got, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_gets_even_lengths(monkeypatch):
+  """With attention_implementation="cudnn", a ViT's 5 tokens (4 patches, the class token) reach
+  JAX's attention as 6 with the real lengths given; XLA stands in for cuDNN on this CPU."""
+  seen = []
+  original = jax.nn.dot_product_attention
+
+  def recording(query, key, value, **kwargs):
+    seen.append((query.shape[1], key.shape[1], kwargs.get("implementation"),
+                 kwargs.get("key_value_seq_lengths")))
+    return original(query, key, value, **{**kwargs, "implementation": "xla"})
+
+  model = vit_jax.create_model("custom", num_classes=3, image_size=4, **VIT_SHAPE)
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 4, 4, 3)), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(0), images)
+  expected = model.apply(variables, images)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  cudnn = model.clone(attention_implementation="cudnn")
+  np.testing.assert_allclose(cudnn.apply(variables, images), expected, rtol=1e-5, atol=1e-5)
+  assert len(seen) == VIT_SHAPE["depth"]
+  assert all(q == 6 and k == 6 and how == "cudnn" and list(lengths) == [5, 5]
+             for q, k, how, lengths in seen), seen
