@@ -25,3 +25,21 @@ def test_gpu_check_dry_mode_runs_without_the_data_libraries():
   rows = [line for line in lines if "(dry)" in line]
   assert len(rows) == 2 and all(line.rstrip().endswith("%") for line in rows)
   assert "tokens/s" in lines[-1]
+
+
+def test_gpu_check_counts_a_rows_flops_on_the_cpu_as_the_row_itself():
+  """On a GPU the lowered step carries no FLOP count and gpu_check lowers the same step for one
+  CPU device (XLA attention): that count must be the row's own, here where both exist."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import gpu_check  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  from common_jax import mfu, optim, plan, sharding, train  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  tx = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-4), 100)
+  for _, make_task, _ in gpu_check._rows(dry=True):  # pylint: disable=protected-access
+    trainer = train.Trainer(task=make_task(), mesh=sharding.make_mesh(
+        sharding.MeshConfig(data=-1)), rules=sharding.DEFAULT_RULES, tx=tx)
+    own = mfu.step_flops(plan.lower_step(trainer, 8)[0])
+    assert own and own > 0
+    assert gpu_check._cpu_flops(make_task, 8, tx) == pytest.approx(own, rel=1e-6)  # pylint: disable=protected-access
