@@ -97,8 +97,10 @@ def even_length_attention(
 ) -> jax.Array:
   """`dot_product_attention` with odd lengths padded by one position that no query sees.
 
-  cuDNN's flash attention in JAX (0.10 and 0.11) trains only on even lengths: ViT's 197 tokens
-  (196 patches and the class token) are refused. Query, key and value get one zero position
+  cuDNN's flash attention in JAX trains only on even lengths: ViT's 197 tokens (196 patches and
+  the class token) were refused on an H200 with jax 0.11.2 ("Unsupported sequence length Q 197,
+  KV 197": the check for training with a bias sees the zero-size placeholder JAX puts in place
+  of a missing bias; jax 0.10.2's code reads the same). Query, key and value get one zero position
   at the end of an odd length, the real lengths go to JAX as `query_seq_lengths` and
   `key_value_seq_lengths` (a padding mask: no query attends to the added key), `bias` and
   `mask` are padded alike, and the added query's output is dropped. The result equals the
@@ -117,11 +119,11 @@ def even_length_attention(
                                         (0, kv_pad if x.shape[-1] > 1 else 0)]
     return jnp.pad(x, widths, constant_values=fill)
 
+  lengths = lambda n: constrain(jnp.full((batch,), n, jnp.int32), ("act_batch",))
   out = jax.nn.dot_product_attention(
       along_length(query, q_pad), along_length(key, kv_pad), along_length(value, kv_pad),
       bias=logits_shaped(bias, 0), mask=logits_shaped(mask, False), is_causal=causal,
-      query_seq_lengths=jnp.full((batch,), q_length, jnp.int32),
-      key_value_seq_lengths=jnp.full((batch,), kv_length, jnp.int32),
+      query_seq_lengths=lengths(q_length), key_value_seq_lengths=lengths(kv_length),
       implementation=implementation)
   return out[:, :q_length]
 

@@ -1,5 +1,5 @@
-"""Model-FLOPs utilisation: a step's FLOPs (XLA's cost analysis of the compiled step) per second,
-against the peak of the devices that ran it.
+"""Model-FLOPs utilisation: a step's FLOPs (XLA's cost analysis of the lowered step, `step_flops`)
+per second, against the peak of the devices that ran it.
 
 Peaks are dense bfloat16 matrix-multiply rates per device (chip) from the vendors' data sheets;
 on a CPU, or any device not listed, the peak is the float32 matmul rate measured once on this
@@ -52,19 +52,29 @@ def device_peak(device: Optional[jax.Device] = None) -> Tuple[float, str]:
                 f"{rate / 1e9:.1f} GFLOP/s")
 
 
-def step_flops(lowered) -> Optional[float]:
-  """FLOPs of one call of a lowered (`jax.jit(f).lower(...)`) function, all devices together;
-  None when XLA gives no cost analysis.
-
-  The count is XLA's cost analysis of the program as lowered, before the backend's passes: a
-  compiled GPU program has its matrix products rewritten into library calls (cuBLAS, cuDNN) that
-  the analysis does not count, and a compiled partitioned program counts one device's share.
-  """
-  cost = lowered.cost_analysis()
+def _flops(cost) -> Optional[float]:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   if not cost or "flops" not in cost:
     return None
   return float(cost["flops"])
+
+
+def step_flops(lowered, compiled=None, num_devices: int = 1) -> Optional[float]:
+  """FLOPs of one call of a lowered (`jax.jit(f).lower(...)`) function, all devices together;
+  None when XLA gives no count.
+
+  The count is XLA's cost analysis of the program as lowered, before the backend's passes: a
+  compiled GPU program has its matrix products rewritten into library calls (cuBLAS, cuDNN) that
+  the analysis does not count, and a compiled partitioned program counts one device's share.
+  Backends loaded as plugins (GPU, TPU) give no count for a lowered program; there, with
+  `compiled` (the same program compiled, partitioned over `num_devices`), a TPU's compiled count
+  times `num_devices` stands in, and a GPU gives None.
+  """
+  flops = _flops(lowered.cost_analysis())
+  if flops is None and compiled is not None and jax.default_backend() not in ("gpu", "cuda"):
+    per_device = _flops(compiled.cost_analysis())
+    flops = per_device * num_devices if per_device is not None else None
+  return flops
 
 
 def utilisation(flops_per_step: float, steps_per_second: float, num_devices: int,

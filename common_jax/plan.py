@@ -92,7 +92,7 @@ def plan_step(trainer: train.Trainer, batch_size: int,
   opt_device, opt_total = _bytes(state.opt_state, trainer.state_shardings.opt_state)
   memory = compiled.memory_analysis()
   temp = int(memory.temp_size_in_bytes) if memory is not None else None
-  flops = mfu.step_flops(lowered)
+  flops = mfu.step_flops(lowered, compiled, trainer.mesh.size)
   return PlanReport(
       parameters=sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params)),
       param_bytes_per_device=param_device, opt_bytes_per_device=opt_device,

@@ -529,7 +529,7 @@ def test_switches_from_the_command_line(tmp_path):
           in bad.stderr)
 
 
-@pytest.mark.parametrize("case", ["plain", "bias", "causal", "mask", "even kv"])
+@pytest.mark.parametrize("case", ["plain", "bias", "causal", "mask", "key mask", "even kv"])
 def test_even_length_attention_equals_unpadded(case):
   """The one-position padding that lets cuDNN train on ViT's odd token counts changes nothing:
   outputs and gradients equal the unpadded attention (both through XLA here)."""
@@ -542,23 +542,29 @@ def test_even_length_attention_equals_unpadded(case):
       bias=(jnp.asarray(rng.normal(size=(1, 3, q_length, kv_length)), jnp.float32)
             if case == "bias" else None),
       mask=(jnp.asarray(rng.random((2, 1, q_length, kv_length)) < 0.7).at[..., 0].set(True)
-            if case == "mask" else None),
+            if case == "mask" else
+            jnp.asarray(rng.random((2, 1, 1, kv_length)) < 0.7).at[..., 0].set(True)
+            if case == "key mask" else None),
       causal=case == "causal")
   weights_out = jnp.asarray(rng.normal(size=(2, q_length, 3, 8)), jnp.float32)
 
-  def loss(attend, query, key, value):
-    return jnp.sum(attend(query, key, value) * weights_out)
+  bias = options.pop("bias")
+  bias = jnp.zeros((1, 1, 1, 1), jnp.float32) if bias is None else bias  # its gradient too
 
-  plain = lambda q, k, v: jax.nn.dot_product_attention(
-      q, k, v, bias=options["bias"], mask=options["mask"], is_causal=options["causal"])
-  padded = lambda q, k, v: layers.even_length_attention(q, k, v, implementation="xla",
-                                                        **options)
-  np.testing.assert_allclose(padded(query, key, value), plain(query, key, value),
+  def loss(attend, query, key, value, bias):
+    return jnp.sum(attend(query, key, value, bias) * weights_out)
+
+  plain = lambda q, k, v, b: jax.nn.dot_product_attention(
+      q, k, v, bias=b, mask=options["mask"], is_causal=options["causal"])
+  padded = lambda q, k, v, b: layers.even_length_attention(q, k, v, bias=b,
+                                                           implementation="xla", **options)
+  np.testing.assert_allclose(padded(query, key, value, bias), plain(query, key, value, bias),
                              rtol=1e-5, atol=1e-6)
-  expected = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2))(query, key, value)
-  got = jax.grad(functools.partial(loss, padded), argnums=(0, 1, 2))(query, key, value)
+  args = (query, key, value, bias)
+  expected = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2, 3))(*args)
+  got = jax.grad(functools.partial(loss, padded), argnums=(0, 1, 2, 3))(*args)
   for a, b in zip(got, expected):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_cudnn_gets_even_lengths(monkeypatch):

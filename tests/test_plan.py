@@ -52,3 +52,22 @@ def test_a_scanned_model_plans_and_says_xla_counts_its_loop_once(tmp_path, capsy
   assert reports[True].xla_flops_per_step < 0.8 * reports[False].xla_flops_per_step
   assert family.plan(prepared) == 0
   assert "XLA counts a loop's body once" in capsys.readouterr().out
+
+
+def test_flops_where_a_lowered_program_has_no_count():
+  """Plugin backends (GPU, TPU) give no count for a lowered program: a TPU's compiled,
+  partitioned count times the devices stands in (checked here on the CPU backend), and neither
+  count is made up when both are missing."""
+  from common_jax import mfu  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  class Stage:
+    def __init__(self, cost):
+      self.cost = cost
+
+    def cost_analysis(self):
+      return self.cost
+
+  assert mfu.step_flops(Stage({"flops": 10.0}), Stage({"flops": 3.0}), 8) == 10.0
+  assert mfu.step_flops(Stage(None), Stage([{"flops": 3.0}]), 8) == 24.0
+  assert mfu.step_flops(Stage(None), Stage({}), 8) is None
+  assert mfu.step_flops(Stage(None)) is None
