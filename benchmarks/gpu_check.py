@@ -88,11 +88,11 @@ def _time_steps(trainer: train.Trainer, batch_size: int, steps: int,
     lowered = trainer.train_step.lower(state, batch)
     compiled = lowered.compile()
     flops = mfu.step_flops(lowered)
-    state, metrics = trainer.train_step(state, batch)  # warm-up
+    state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
     began = time.perf_counter()
     for _ in range(steps):
-      state, metrics = trainer.train_step(state, batch)
+      state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     rate = steps / (time.perf_counter() - began)
     if profile_dir:
