@@ -36,42 +36,38 @@ during the timed batches: what an image costs, whatever else runs on the machine
 is img/s x CPU ms/img. On a shared machine the img/s of both pipelines move with the load, the
 CPU ms/img much less.
 
-Measured on a shared 2-core x86 VM (load average 10-12 from other jobs: this process got well
-under one core), tensorflow-cpu 2.21.0, Pillow 13.0.0, grain 0.2.18, 5 rounds of 20 batches:
+Measured on the 2-core x86 VM, idle (load average 1.2; 2026-11-27 06:04 UTC), tensorflow-cpu
+2.21.0, simplejpeg 1.9.0, opencv-python-headless 5.0.0.93, grain 0.2.18, 7 rounds of 20 batches:
 
   | pipeline | img/s | x best tf.data | CPU ms/img | cores used |
   |---|---:|---:|---:|---:|
-  | tf.data AUTOTUNE, decode_jpeg | 923 | 0.81 | 0.81 | 0.75 |
-  | tf.data AUTOTUNE, decode_and_crop_jpeg | 1138 | 1.00 | 0.73 | 0.84 |
-  | ours, 0 workers | 281 | 0.25 | 1.45 | 0.41 |
-  | ours, 1 worker | 334 | 0.29 | 1.58 | 0.53 |
-  | ours, 2 workers | 385 | 0.34 | 1.44 | 0.55 |
+  | tf.data AUTOTUNE, decode_jpeg | 2396 | 0.87 | 0.81 | 1.95 |
+  | tf.data AUTOTUNE, decode_and_crop_jpeg | 2759 | 1.00 | 0.72 | 1.98 |
+  | ours, 0 workers | 2421 | 0.88 | 0.73 | 1.78 |
+  | ours, 1 worker | 1965 | 0.71 | 0.92 | 1.81 |
+  | ours, 2 workers | 2086 | 0.76 | 0.92 | 1.92 |
 
-The same command on the idle machine (load average 1.0; 2026-11-27 04:33 UTC, 40 s):
+Three other runs that hour (5 rounds, workers 0 and 2): ours with 0 workers 0.86-0.88x the best
+tf.data (2349-2724 img/s against 2728-3081), at 0.66-0.78 CPU ms/img against 0.63-0.72.
 
-  | pipeline | img/s | x best tf.data | CPU ms/img | cores used |
-  |---|---:|---:|---:|---:|
-  | tf.data AUTOTUNE, decode_jpeg | 2639 | 0.87 | 0.77 | 2.02 |
-  | tf.data AUTOTUNE, decode_and_crop_jpeg | 3039 | 1.00 | 0.64 | 1.95 |
-  | ours, 0 workers | 1478 | 0.49 | 1.22 | 1.80 |
-  | ours, 1 worker | 1241 | 0.41 | 1.47 | 1.82 |
-  | ours, 2 workers | 1514 | 0.50 | 1.30 | 1.96 |
+An image now costs us about what it costs tf.data; the img/s gap is the cores: tf.data's C++
+threads keep both busy (1.95-2.0), our threads 1.78-1.84 (each batch is one thread's, and the
+per-example Python, about 0.1 ms of an image, holds the GIL; 3, 4 or 6 threads did no better).
+Worker processes pay for moving batches between processes (0.92 ms/img). Against tf.data
+decoding the whole image (`decode_jpeg`, as our `decode` does) we are level.
 
-Every setting then used the two cores, and the img/s ratio is the CPU ratio, 0.5. Timed one op
-at a time on 300 of these images (CPU time, this machine, Pillow 13.0.0): PIL's decode 0.47 ms,
-its crop and bilinear resize to 224x224 0.48 ms (`resize(box=)` the same; `transform(EXTENT)`,
-unantialiased like tf.image.resize, 1.13 ms), the flip 0.11 ms when it happens, the float32
-conversion 0.10-0.12 ms. tf.data's decode_and_crop_jpeg decodes only the crop's blocks, which
-PIL cannot.
-
-An image costs us about twice the CPU of tf.data: of about 1.0 ms of ops per image, PIL's
-bilinear resize to 224x224 takes 0.4-0.6 ms (tf.image.resize about 0.3) and the JPEG decode
-0.3 ms (TensorFlow's the same, less with decode_and_crop_jpeg, which decodes only the box);
-reading the record, Grain and the batch add about 0.2-0.3 ms. The cores each setting got from
-the starved machine varied from round to round (0.4 to 1.0); ours got less in the median, which
-widens the img/s gap beyond the CPU one (a second run: tf.data 775 and 1440 img/s at 0.75 and
-0.69 CPU ms/img, ours 266, 391, 344 img/s at 1.42, 1.58, 1.56). Given the same cores, the img/s
-ratio would be the CPU ms/img ratio, about 0.5, at best (not measured on an idle machine).
+Where the time went, and what changed it (one op at a time on these images, CPU time):
+- JPEG decode: PIL 0.28-0.41 ms, simplejpeg 0.22-0.24 (both libjpeg-turbo, the same pixels;
+  PIL copies the rows through its own buffers). tf.data's decode_and_crop_jpeg decodes only the
+  rows and blocks of the box, which neither library offers.
+- crop and bilinear resize to 224x224: PIL 0.45-0.48 ms, OpenCV 0.07 (0.14 with the area
+  resize, where the crop is larger than 224).
+- stacking the batch: 0.15 ms an image on average while flipped images were mirrored numpy
+  views (copied element by element); 0.01 with OpenCV's flip (itself 0.01) making them plain.
+- malloc handing each freed image back to the kernel and faulting it in again: about 0.06 ms
+  (`common_jax.data.batching.keep_freed_memory`).
+Before these (PIL ops, the same command, idle machine): ours 0.49-0.50x tf.data at 1.22-1.30
+CPU ms/img.
 """
 
 import argparse

@@ -92,6 +92,61 @@ def test_bad_preprocess_strings_raise_one_error_naming_the_op(spec, fragment):
   assert fragment in str(error.value)
 
 
+def _bilinear(image, height, width):
+  """A plain bilinear resize in float64: half-pixel centres, edge pixels repeated."""
+  def axis(size_in, size_out):
+    x = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
+    low = np.floor(x).astype(int)
+    return low, np.minimum(low + 1, size_in - 1), x - low
+  (top, bottom, wy), (left, right, wx) = axis(image.shape[0], height), axis(image.shape[1], width)
+  image = image.astype(np.float64)
+  rows = image[top] * (1 - wy)[:, None, None] + image[bottom] * wy[:, None, None]
+  return rows[:, left] * (1 - wx)[None, :, None] + rows[:, right] * wx[None, :, None]
+
+
+def test_resizes_are_bilinear_where_a_side_grows_and_area_means_where_both_shrink():
+  """As tf.image.resize's bilinear (the reference pipelines' crops) and big_vision's area
+  resize_small (also iGPT's box-downsampled ImageNet), for uint8 and float32 images."""
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (12, 18, 3), np.uint8)
+  apply = lambda spec, image: data.parse_preprocess(spec)({"image": image}, rng)["image"]
+  for height, width in [(30, 40), (12, 27), (25, 18), (8, 27)]:  # some side grows: bilinear
+    expected = _bilinear(image, height, width)
+    out = apply(f"resize(({height},{width}))", image)
+    assert out.dtype == np.uint8 and out.shape == (height, width, 3)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1)  # uint8 rounding
+    out = apply(f"resize(({height},{width}))", image.astype(np.float32))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-3)
+  # Both sides shrink by whole factors: each pixel the mean of its 2x3 block, rounded for uint8.
+  blocks = image.reshape(6, 2, 6, 3, 3).astype(np.float64).mean(axis=(1, 3))
+  np.testing.assert_allclose(apply("resize(6)", image), blocks, rtol=0, atol=0.5)
+  np.testing.assert_allclose(apply("resize(6)", image.astype(np.float32)), blocks, rtol=0,
+                             atol=1e-4)
+  np.testing.assert_allclose(apply("resize_small(6)", image),  # 6x9: 2x2 blocks
+                             image.reshape(6, 2, 9, 2, 3).astype(np.float64).mean(axis=(1, 3)),
+                             rtol=0, atol=0.5)
+  np.testing.assert_array_equal(apply("resize((1,1))", image[:1, :1, :1]), image[:1, :1, :1])
+
+
+def test_jpeg_decodes_to_the_pixels_pil_gives_ignoring_exif_rotation():
+  """JPEGs are decoded by simplejpeg; RGB and grey ones give PIL's pixels, and an EXIF orientation
+  is ignored, as PIL and tf.io.decode_jpeg ignore it."""
+  rotated = io.BytesIO()
+  exif = PIL.Image.Exif()
+  exif[0x0112] = 6  # "rotate 90 degrees to display"
+  PIL.Image.fromarray(np.random.default_rng(2).integers(0, 256, (20, 30, 3), np.uint8)).save(
+      rotated, format="JPEG", exif=exif)
+  files = [f for f in encoded_images() if "JPEG" in f[0]] + [("EXIF-rotated", rotated.getvalue())]
+  assert len(files) == 4
+  for name, encoded in files:
+    with PIL.Image.open(io.BytesIO(encoded)) as pil:
+      expected = np.asarray(pil.convert("RGB"))
+    decoded = data.parse_preprocess("decode")({"image": encoded}, None)["image"]
+    assert decoded.dtype == np.uint8 and decoded.shape == expected.shape, name
+    np.testing.assert_array_equal(decoded, expected, err_msg=name)
+
+
 def test_ops_do_what_their_names_say():
   rng = np.random.default_rng(0)
   image = np.arange(8 * 16 * 3, dtype=np.uint8).reshape(8, 16, 3)
@@ -299,10 +354,9 @@ def encoded_images():
     "decode",
 ])
 def test_ops_on_decoded_files_give_the_bits_of_the_ops_one_at_a_time(spec):
-  """`parse` keeps a decoded file as a PIL image through the ops that can take one; that must
-  change nothing: the same pixels and the same random draws as each op applied alone to numpy
-  arrays. And `parse_for_batches` (the pipeline's split of the string, its final value_range
-  written into a row of the batch) gives the bits of `parse`."""
+  """`parse` gives the pixels and random draws of each op applied alone; `parse_for_batches`
+  (the pipeline's split of the string, its final value_range written into a row of the batch)
+  gives the bits of `parse`."""
   from common_jax.data import preprocess
   names_and_ops = preprocess.parse_ops(spec)
   parsed = preprocess.parse(spec)
@@ -634,10 +688,18 @@ def png_bytes(shape, seed=0):
   return png.getvalue()
 
 
+def jpeg_bytes(shape, seed=0):
+  jpeg = io.BytesIO()
+  PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, np.uint8)).save(
+      jpeg, format="JPEG")
+  return jpeg.getvalue()
+
+
 BAD_FILES = {  # what a user finds in an image folder, and whether its header gives it away
     "text named .png": (b"not an image, just text\n", True),
     "empty file": (b"", True),
     "cut-short png": (png_bytes((16, 16, 3))[:200], False),  # the header reads, the pixels don't
+    "cut-short jpeg": (jpeg_bytes((64, 64, 3))[:1500], False),  # simplejpeg fails, PIL says why
 }
 
 

@@ -15,8 +15,8 @@ Reading without TensorFlow (checked with tfds 4.9.10, TensorFlow not installed):
   and mnist; a name tfds cannot load (unknown, or a builder that imports TensorFlow) still loads
   if it is prepared in data_dir, from its dataset_info.json.
 - `as_data_source()` of an array_record dataset decodes each example with numpy;
-  `tfds.features.Image` goes through `Image.decode_example_np`: OpenCV when installed, else PIL
-  (tfds logs one warning recommending OpenCV). Images arrive as uint8 [height, width, channels],
+  `tfds.features.Image` goes through `Image.decode_example_np`, with OpenCV (a dependency of
+  ours; without it tfds uses PIL and logs a warning). Images arrive as uint8 [height, width, channels],
   so `decode` only turns grey into RGB. tests/test_data.py checks this with a stand-in builder
   whose Image feature is written from PNG bytes: encoding bytes, paths or PIL images needs no
   TensorFlow either, only encoding numpy arrays does.

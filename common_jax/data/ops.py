@@ -1,15 +1,23 @@
 """The preprocessing ops themselves (`common_jax.data.preprocess` names them in config strings
 and parses the strings): each a factory that checks its literal arguments and returns
-`op(example, rng) -> example`. A decoded file may stay a PIL image through crops, resizes and
-flips (an op's PIL twin, `_with_pil`) and becomes numpy once, bit for bit what the numpy ops give.
+`op(example, rng) -> example`, on numpy images.
+
+JPEG files are decoded by simplejpeg (libjpeg-turbo straight into RGB: the pixels PIL gives for
+RGB and grey JPEGs, with fewer copies); other formats, CMYK JPEGs and unreadable files by PIL,
+whose message says what is wrong. Resizes and flips are OpenCV's: bilinear with half-pixel
+centres, as `tf.image.resize` and the reference pipelines (big_vision, vision_transformer) use
+for crops, and area averaging where both sides shrink, as big_vision's `resize_small` and iGPT's
+box-downsampled ImageNet. Crops are numpy views; the batch copies each image once.
 """
 
 import io
 import math
 from typing import Any, Callable, Sequence, Union
 
+import cv2
 import numpy as np
 import PIL.Image
+import simplejpeg
 
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
@@ -53,13 +61,18 @@ def _height_width(size: Size) -> tuple[int, int]:
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Bilinear (antialiased when shrinking) resize of [h, w, c] to [height, width, c], same dtype."""
-  if image.dtype == np.uint8:
-    return np.asarray(PIL.Image.fromarray(image).resize((width, height), PIL.Image.BILINEAR))
-  # PIL resizes float images one channel at a time (mode "F").
-  channels = [PIL.Image.fromarray(image[:, :, c].astype(np.float32)).resize(
-      (width, height), PIL.Image.BILINEAR) for c in range(image.shape[2])]
-  return np.stack([np.asarray(c) for c in channels], axis=2).astype(image.dtype)
+  """[h, w, c] -> [height, width, c], the same dtype: area averaging where neither side grows,
+  else bilinear (half-pixel centres, edge pixels repeated)."""
+  if image.shape[:2] == (height, width):
+    return image
+  shrinks = height <= image.shape[0] and width <= image.shape[1]
+  dtype = image.dtype
+  if dtype not in (np.uint8, np.float32):  # what OpenCV resizes; others go through float32
+    image = image.astype(np.float32)
+  resized = cv2.resize(image, (width, height),
+                       interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_LINEAR)
+  # OpenCV drops a single channel's axis.
+  return resized.reshape(height, width, image.shape[2]).astype(dtype, copy=False)
 
 
 def _check_fits(shape: tuple[int, ...], height: int, width: int, name: str) -> None:
@@ -73,33 +86,21 @@ def _crop(image: np.ndarray, top: int, left: int, height: int, width: int, name:
   return image[top:top + height, left:left + width]
 
 
-def _shape(image: PIL.Image.Image) -> tuple[int, int, int]:
-  """The shape of the numpy array of a decoded (RGB) PIL image."""
-  return image.height, image.width, 3
+_JPEG_START = b"\xff\xd8\xff"
 
 
-def _with_pil(op: Op, on_pil: Callable[[PIL.Image.Image, np.random.Generator], PIL.Image.Image]
-              ) -> Op:
-  """`op`, with a twin `op.pil` that also takes "image" as a decoded RGB PIL image and returns
-  one: the same pixels `op` gives for that image as an array, with the same draws from the rng
-  (tests/test_data.py checks). `parse` uses the twins to keep a decoded file in PIL from `decode`
-  to the last op that has one, converting to numpy once instead of at every op."""
-  def pil(example, rng):
-    image = example["image"]
-    if isinstance(image, PIL.Image.Image):
-      return {**example, "image": on_pil(image, rng)}
-    return op(example, rng)
-  op.pil = pil
-  return op
-
-
-def _open(encoded: bytes) -> PIL.Image.Image:
-  """Encoded bytes -> a decoded PIL image in mode RGB; `BadImageError` with the reason."""
+def _open(encoded: bytes) -> np.ndarray:
+  """Encoded bytes -> uint8 [height, width, 3] RGB; `BadImageError` with the reason."""
+  if encoded[:3] == _JPEG_START:
+    try:
+      # libjpeg-turbo straight into RGB, warnings being errors; it ignores EXIF rotation, as PIL.
+      return simplejpeg.decode_jpeg(encoded, colorspace="RGB")
+    except ValueError:
+      pass  # truncated or corrupt (PIL says why), or CMYK (PIL converts it)
   try:
     with PIL.Image.open(io.BytesIO(encoded)) as pil_image:
       pil_image.load()
-      # convert() returns a copy even of an RGB image; the file is closed either way.
-      return pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB")
+      return np.asarray(pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB"))
   except Exception as error:  # pylint: disable=broad-except  # OSError, SyntaxError, zlib...
     raise BadImageError(image_error_reason(error)) from None
 
@@ -128,24 +129,15 @@ def decode() -> Op:
   def op(example, rng):
     image = _stored(example)
     if isinstance(image, bytes):
-      return {**example, "image": np.asarray(_open(image))}
-    return {**example, "image": _array_to_rgb(image)}
-
-  def on_pil(example, rng):
-    # Bytes stay a PIL image for the ops that follow (see `_with_pil`).
-    image = _stored(example)
-    if isinstance(image, bytes):
       return {**example, "image": _open(image)}
     return {**example, "image": _array_to_rgb(image)}
-  op.pil = on_pil
   return op
 
 
 def resize(size: Size) -> Op:
   """Resizes to `size` (int: square, or [height, width]) ignoring the aspect ratio."""
   height, width = _height_width(size)
-  op = lambda example, rng: {**example, "image": _resize(example["image"], height, width)}
-  return _with_pil(op, lambda image, rng: image.resize((width, height), PIL.Image.BILINEAR))
+  return lambda example, rng: {**example, "image": _resize(example["image"], height, width)}
 
 
 def resize_small(size: int) -> Op:
@@ -158,10 +150,7 @@ def resize_small(size: int) -> Op:
   def op(example, rng):
     image = example["image"]
     return {**example, "image": _resize(image, *new_size(*image.shape[:2]))}
-  def on_pil(image, rng):
-    height, width = new_size(image.height, image.width)
-    return image.resize((width, height), PIL.Image.BILINEAR)
-  return _with_pil(op, on_pil)
+  return op
 
 
 def central_crop(size: Size) -> Op:
@@ -171,11 +160,7 @@ def central_crop(size: Size) -> Op:
     image = example["image"]
     top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
     return {**example, "image": _crop(image, top, left, height, width, "central_crop")}
-  def on_pil(image, rng):
-    _check_fits(_shape(image), height, width, "central_crop")
-    top, left = (image.height - height) // 2, (image.width - width) // 2
-    return image.crop((left, top, left + width, top + height))
-  return _with_pil(op, on_pil)
+  return op
 
 
 def random_crop(size: Size, pad: int = 0) -> Op:
@@ -213,24 +198,21 @@ def inception_crop(size: Size, area_min: float = 5, area_max: float = 100) -> Op
     image = example["image"]
     image = _crop(image, *box(rng, *image.shape[:2]), "inception_crop")
     return {**example, "image": _resize(image, height, width)}
-  def on_pil(image, rng):
-    top, left, crop_height, crop_width = box(rng, image.height, image.width)
-    # Cropping first, not resize(box=...), which would blend in pixels outside the box.
-    if (crop_height, crop_width) != (image.height, image.width):
-      image = image.crop((left, top, left + crop_width, top + crop_height))
-    return image.resize((width, height), PIL.Image.BILINEAR)
-  return _with_pil(op, on_pil)
+  return op
 
 
 def flip_lr() -> Op:
   """Mirrors the image left-right with probability 1/2."""
   def op(example, rng):
     if rng.random() < 0.5:
-      return {**example, "image": example["image"][:, ::-1]}
+      image = example["image"]
+      # OpenCV's flip writes a contiguous copy (the batch then copies it at memory speed; a
+      # mirrored numpy view copies pixel by pixel, slower than the resize).
+      flipped = (cv2.flip(image, 1).reshape(image.shape) if image.dtype in (np.uint8, np.float32)
+                 else image[:, ::-1])
+      return {**example, "image": flipped}
     return example
-  def on_pil(image, rng):
-    return image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
-  return _with_pil(op, on_pil)
+  return op
 
 
 def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: float = 255) -> Op:

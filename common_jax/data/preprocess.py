@@ -15,11 +15,9 @@ after it, float32 [height, width, 3] after `value_range`. Random ops draw only f
 in the stream): augmentation is then reproducible and independent of threads or resumption.
 Adding an op is a factory in ops.py plus one line in `OPS`; the loop never changes.
 
-Two things keep the pipeline's per-image work down, neither changing a bit of the output
-(tests/test_data.py checks): an op may have a PIL twin (`_with_pil`), so that a decoded file
-stays a PIL image through crops, resizes and flips and becomes numpy once; and the pipeline
-stops each example before a final `value_range` (`parse_for_batches`), keeping it uint8, and
-writes that value_range straight into the example's row of the float32 batch.
+The pipeline stops each example before a final `value_range` (`parse_for_batches`), keeping it
+uint8, and writes that value_range straight into the example's row of the float32 batch: the
+same bits (tests/test_data.py checks), a quarter of the bytes per example, no float32 copy.
 """
 
 import ast
@@ -27,7 +25,6 @@ import inspect
 from typing import Callable, Sequence
 
 import numpy as np
-import PIL.Image
 
 # The ops (common_jax/data/ops.py); their names here are what the pipeline and tests use.
 from common_jax.data.ops import (  # pylint: disable=unused-import
@@ -100,21 +97,11 @@ def parse_ops(spec: str, field: str = "preprocess") -> list[tuple[str, Op]]:
   return [_parse_op(text.strip(), spec, field) for text in spec.split("|")]
 
 
-def _as_array(example: Example) -> Example:
-  image = example["image"]
-  if isinstance(image, PIL.Image.Image):
-    return {**example, "image": np.asarray(image)}
-  return example
-
-
 def _compose(ops: Sequence[Op]) -> Op:
   def preprocess(example: Example, rng: np.random.Generator) -> Example:
-    # A file stays a PIL image from `decode` through the ops that have a PIL twin (`_with_pil`):
-    # crop, resize and flip without a numpy copy of the image between them.
     for op in ops:
-      pil = getattr(op, "pil", None)
-      example = pil(example, rng) if pil is not None else op(_as_array(example), rng)
-    return _as_array(example)
+      example = op(example, rng)
+    return example
   return preprocess
 
 

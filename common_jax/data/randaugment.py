@@ -36,7 +36,7 @@ import PIL.Image
 import PIL.ImageEnhance
 import PIL.ImageOps
 
-from common_jax.data.ops import Op, _is_int, _is_number, _with_pil
+from common_jax.data.ops import Op, _is_int, _is_number
 
 MAX_MAGNITUDE = 30
 GREY = (128, 128, 128)
@@ -116,8 +116,7 @@ def randaugment(n: int, m: float) -> Op:
   "image" is uint8 [height, width, 3] in and out, the same size: put it after `decode` and the
   crops and before `value_range`, as in "decode|inception_crop(224)|flip_lr|randaugment(2,15)|
   value_range(-1,1)". It draws only from the rng it is handed: per operation the choice, then the
-  sign or the Cutout centre where the operation has one. Its PIL twin gives the same pixels and
-  draws (the array path goes through PIL too).
+  sign or the Cutout centre where the operation has one.
   """
   if not (_is_int(n) and n >= 0):
     raise ValueError(f"n (the number of operations per image) must be a non-negative int, "
@@ -126,7 +125,7 @@ def randaugment(n: int, m: float) -> Op:
     raise ValueError(f"m (the magnitude) must be a number from 0 to {MAX_MAGNITUDE}, got {m!r}")
   transforms = list(operations(m).values())
 
-  def on_pil(image: PIL.Image.Image, rng: np.random.Generator) -> PIL.Image.Image:
+  def transform(image: PIL.Image.Image, rng: np.random.Generator) -> PIL.Image.Image:
     for _ in range(n):
       image = transforms[int(rng.integers(0, len(transforms)))](image, rng)
     return image
@@ -140,6 +139,6 @@ def randaugment(n: int, m: float) -> Op:
                        f"{np.shape(image)}; put it after decode and before value_range.")
     if n == 0:
       return example
-    return {**example, "image": np.asarray(on_pil(PIL.Image.fromarray(image), rng))}
+    return {**example, "image": np.asarray(transform(PIL.Image.fromarray(image), rng))}
 
-  return _with_pil(op, on_pil)
+  return op
