@@ -36,36 +36,39 @@ during the timed batches: what an image costs, whatever else runs on the machine
 is img/s x CPU ms/img. On a shared machine the img/s of both pipelines move with the load, the
 CPU ms/img much less.
 
-Measured on the 2-core x86 VM, idle (load average 1.2; 2026-11-27 06:04 UTC), tensorflow-cpu
+Measured on the 2-core x86 VM, idle (load average 1.3-1.7; 2026-11-27 06:22 UTC), tensorflow-cpu
 2.21.0, simplejpeg 1.9.0, opencv-python-headless 5.0.0.93, grain 0.2.18, 7 rounds of 20 batches:
 
   | pipeline | img/s | x best tf.data | CPU ms/img | cores used |
   |---|---:|---:|---:|---:|
-  | tf.data AUTOTUNE, decode_jpeg | 2396 | 0.87 | 0.81 | 1.95 |
-  | tf.data AUTOTUNE, decode_and_crop_jpeg | 2759 | 1.00 | 0.72 | 1.98 |
-  | ours, 0 workers | 2421 | 0.88 | 0.73 | 1.78 |
-  | ours, 1 worker | 1965 | 0.71 | 0.92 | 1.81 |
-  | ours, 2 workers | 2086 | 0.76 | 0.92 | 1.92 |
+  | tf.data AUTOTUNE, decode_jpeg | 2572 | 0.86 | 0.77 | 1.97 |
+  | tf.data AUTOTUNE, decode_and_crop_jpeg | 3006 | 1.00 | 0.67 | 2.02 |
+  | ours, 0 workers | 3083 | 1.03 | 0.59 | 1.83 |
+  | ours, 1 worker | 2135 | 0.71 | 0.86 | 1.83 |
+  | ours, 2 workers | 2232 | 0.74 | 0.86 | 1.92 |
 
-Three other runs that hour (5 rounds, workers 0 and 2): ours with 0 workers 0.86-0.88x the best
-tf.data (2349-2724 img/s against 2728-3081), at 0.66-0.78 CPU ms/img against 0.63-0.72.
+Seven runs that half hour (5 or 7 rounds; some with `--workers 0` or `0,2`) gave ours with 0
+workers 0.86, 0.98, 1.00, 1.01, 1.02, 1.03 and 1.03x the best tf.data, at 0.59-0.70 CPU ms/img
+against 0.64-0.69 (medians 0.61 and 0.67).
 
-An image now costs us about what it costs tf.data; the img/s gap is the cores: tf.data's C++
-threads keep both busy (1.95-2.0), our threads 1.78-1.84 (each batch is one thread's, and the
-per-example Python, about 0.1 ms of an image, holds the GIL; 3, 4 or 6 threads did no better).
-Worker processes pay for moving batches between processes (0.92 ms/img). Against tf.data
-decoding the whole image (`decode_jpeg`, as our `decode` does) we are level.
+An image costs us less CPU than it costs tf.data; what keeps the img/s ratio near 1.0 is the
+cores: tf.data's C++ threads keep both busy (1.95-2.0), our threads 1.7-1.86 (each batch is one
+thread's, and the per-example Python, about 0.1 ms of an image, holds the GIL; 3, 4 or 6 threads
+did no better). Worker processes pay for moving batches between processes (0.83-0.95 ms/img).
 
 Where the time went, and what changed it (one op at a time on these images, CPU time):
 - JPEG decode: PIL 0.28-0.41 ms, simplejpeg 0.22-0.24 (both libjpeg-turbo, the same pixels;
   PIL copies the rows through its own buffers). tf.data's decode_and_crop_jpeg decodes only the
   rows and blocks of the box, which neither library offers.
-- crop and bilinear resize to 224x224: PIL 0.45-0.48 ms, OpenCV 0.07 (0.14 with the area
-  resize, where the crop is larger than 224).
+- crop and bilinear resize to 224x224: PIL 0.45-0.48 ms, OpenCV 0.07.
 - stacking the batch: 0.15 ms an image on average while flipped images were mirrored numpy
   views (copied element by element); 0.01 with OpenCV's flip (itself 0.01) making them plain.
 - malloc handing each freed image back to the kernel and faulting it in again: about 0.06 ms
   (`common_jax.data.batching.keep_freed_memory`).
+- tfds parsing an image folder's record: 45 us, against 16 us for the same parse done directly
+  (`common_jax.data.sources.SplitSource`).
+- inception_crop's resize: bilinear also where the crop is larger than 224, as tf.image.resize
+  in the reference pipelines (area averaging there cost 0.14 ms against 0.07).
 Before these (PIL ops, the same command, idle machine): ours 0.49-0.50x tf.data at 1.22-1.30
 CPU ms/img.
 """

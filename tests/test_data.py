@@ -127,6 +127,11 @@ def test_resizes_are_bilinear_where_a_side_grows_and_area_means_where_both_shrin
                              image.reshape(6, 2, 9, 2, 3).astype(np.float64).mean(axis=(1, 3)),
                              rtol=0, atol=0.5)
   np.testing.assert_array_equal(apply("resize((1,1))", image[:1, :1, :1]), image[:1, :1, :1])
+  # inception_crop resizes bilinearly even where it shrinks (the whole 12x12 image to 5x5 here).
+  square = image[:, :12]
+  np.testing.assert_allclose(apply("inception_crop(5,area_min=100)", square),
+                             _bilinear(square, 5, 5), rtol=0, atol=1)
+  assert np.abs(apply("resize(5)", square) - _bilinear(square, 5, 5)).max() > 5  # area differs
 
 
 def test_jpeg_decodes_to_the_pixels_pil_gives_ignoring_exif_rotation():
@@ -510,6 +515,15 @@ def test_image_folder_builder_labels_classes_alphabetically(tmp_path):
                      "'train' .* at different sizes .*; give them one size"):
     data.eval_iterator(dataset=dataset, split="train", preprocess="decode", global_batch_size=4,
                        data_dir=data_dir)
+  # The folder's records are parsed without tfds's parser, to what it gives, slices included.
+  from common_jax.data import sources
+  for split in ("train", "train[2:7]", "test[50%:]+train[:3]"):
+    source = sources.data_source(dataset, split, data_dir, None)
+    assert source._folder_records is not None, split
+    for index in range(len(source)):
+      ours, tfds_record = source[index], source._source[index]
+      assert {key: (type(value), value) for key, value in ours.items()} == {
+          key: (type(value), value) for key, value in tfds_record.items()}, (split, index)
   # Adding an image makes a fresh build rather than reading the stale one.
   write_png(str(root / "test" / "cat" / "new.png"), images[("test", "cat", 0)])
   assert data.dataset_info(dataset, data_dir).splits["test"] == 5
@@ -556,6 +570,10 @@ def test_catalogue_image_features_decode_without_tensorflow(tmp_path):
   assert sorted(batch["image"][:, 0, 0, 0].tolist()) == [20 * i for i in range(9)]
   assert ((batch["image"][:, 0, 0, 0] // 20) % 3 == batch["label"]).all()
   assert "tensorflow" not in sys.modules
+  # An Image feature goes through tfds's parser and decoder, not the image folders' parse.
+  from common_jax.data import sources
+  assert sources.data_source("grey_catalogue_stand_in", "train", data_dir,
+                             None)._folder_records is None
 
 
 def test_worker_processes_do_not_change_the_batches(digits_dir):

@@ -4,10 +4,11 @@ and parses the strings): each a factory that checks its literal arguments and re
 
 JPEG files are decoded by simplejpeg (libjpeg-turbo straight into RGB: the pixels PIL gives for
 RGB and grey JPEGs, with fewer copies); other formats, CMYK JPEGs and unreadable files by PIL,
-whose message says what is wrong. Resizes and flips are OpenCV's: bilinear with half-pixel
-centres, as `tf.image.resize` and the reference pipelines (big_vision, vision_transformer) use
-for crops, and area averaging where both sides shrink, as big_vision's `resize_small` and iGPT's
-box-downsampled ImageNet. Crops are numpy views; the batch copies each image once.
+whose message says what is wrong. Resizes and flips are OpenCV's. Resizes are bilinear with
+half-pixel centres, as `tf.image.resize` in the reference pipelines (big_vision,
+vision_transformer), and `inception_crop` always so; `resize` and `resize_small` average areas
+where both sides shrink, as big_vision's `resize_small` and iGPT's box-downsampled ImageNet.
+Crops are numpy views; the batch copies each image once.
 """
 
 import io
@@ -60,12 +61,12 @@ def _height_width(size: Size) -> tuple[int, int]:
   return height, width
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """[h, w, c] -> [height, width, c], the same dtype: area averaging where neither side grows,
-  else bilinear (half-pixel centres, edge pixels repeated)."""
+def _resize(image: np.ndarray, height: int, width: int, area: bool = True) -> np.ndarray:
+  """[h, w, c] -> [height, width, c], the same dtype: bilinear (half-pixel centres, edge pixels
+  repeated), or with `area` area averaging where neither side grows."""
   if image.shape[:2] == (height, width):
     return image
-  shrinks = height <= image.shape[0] and width <= image.shape[1]
+  shrinks = area and height <= image.shape[0] and width <= image.shape[1]
   dtype = image.dtype
   if dtype not in (np.uint8, np.float32):  # what OpenCV resizes; others go through float32
     image = image.astype(np.float32)
@@ -178,7 +179,8 @@ def random_crop(size: Size, pad: int = 0) -> Op:
 
 def inception_crop(size: Size, area_min: float = 5, area_max: float = 100) -> Op:
   """Inception-style crop: a random box of `area_min`..`area_max` percent of the image area and
-  aspect ratio in [3/4, 4/3] (log-uniform), resized to `size`; the whole image after 10 misses."""
+  aspect ratio in [3/4, 4/3] (log-uniform), resized to `size` (bilinear, growing or shrinking,
+  as the reference pipelines' tf.image.resize); the whole image after 10 misses."""
   height, width = _height_width(size)
   if not (_is_number(area_min) and _is_number(area_max) and 0 < area_min <= area_max <= 100):
     raise ValueError(f"need 0 < area_min <= area_max <= 100 (percent), got {area_min}, {area_max}")
@@ -197,7 +199,7 @@ def inception_crop(size: Size, area_min: float = 5, area_max: float = 100) -> Op
   def op(example, rng):
     image = example["image"]
     image = _crop(image, *box(rng, *image.shape[:2]), "inception_crop")
-    return {**example, "image": _resize(image, height, width)}
+    return {**example, "image": _resize(image, height, width, area=False)}
   return op
 
 
