@@ -1,5 +1,6 @@
 r"""Images/s of the train pipeline on an image folder for 0, 1, 2, ... Grain worker processes,
-against a plain one-thread PIL + numpy loop doing the same work, measured in the same process.
+against a plain one-thread PIL + numpy loop doing the same steps (PIL decodes and resizes, so its
+pixels differ from the pipeline's OpenCV resize by rounding), measured in the same process.
 
   .venv/bin/python benchmarks/image_folder_workers.py                  # 500 JPEGs, 256x256
   .venv/bin/python benchmarks/image_folder_workers.py --workers 0,1,2,4 --rounds 7
@@ -101,7 +102,7 @@ def inception_box(rng, height, width, area_min=5, area_max=100):
 
 
 def baseline_batch(encoded, rng, batch):
-  """One thread, plain PIL + numpy: what the pipeline computes for one batch."""
+  """One thread, plain PIL + numpy: the steps the pipeline takes for one batch."""
   rows = []
   for _ in range(batch):
     blob = encoded[int(rng.integers(len(encoded)))]

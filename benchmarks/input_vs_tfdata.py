@@ -64,7 +64,7 @@ Where the time went, and what changed it (one op at a time on these images, CPU 
 - stacking the batch: 0.15 ms an image on average while flipped images were mirrored numpy
   views (copied element by element); 0.01 with OpenCV's flip (itself 0.01) making them plain.
 - malloc handing each freed image back to the kernel and faulting it in again: about 0.06 ms
-  (`common_jax.data.batching.keep_freed_memory`).
+  (`common_jax.data.batching.prepare_process`).
 - tfds parsing an image folder's record: 45 us, against 16 us for the same parse done directly
   (`common_jax.data.sources.SplitSource`).
 - inception_crop's resize: bilinear also where the crop is larger than 224, as tf.image.resize

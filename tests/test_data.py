@@ -5,6 +5,7 @@ import io
 import os
 import re
 import sys
+from unittest import mock
 
 import numpy as np
 import PIL.Image
@@ -104,52 +105,68 @@ def _bilinear(image, height, width):
   return rows[:, left] * (1 - wx)[None, :, None] + rows[:, right] * wx[None, :, None]
 
 
-def test_resizes_are_bilinear_where_a_side_grows_and_area_means_where_both_shrink():
-  """As tf.image.resize's bilinear (the reference pipelines' crops) and big_vision's area
-  resize_small (also iGPT's box-downsampled ImageNet), for uint8 and float32 images."""
+def test_resizes_are_bilinear_or_area_means_as_the_reference_pipelines():
+  """resize and inception_crop: bilinear, as tf.image.resize in big_vision and vision_transformer;
+  resize_small (and method='area'): area means where both sides shrink, bilinear where one grows
+  (big_vision's resize_small). For uint8 and float32 images."""
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (12, 18, 3), np.uint8)
   apply = lambda spec, image: data.parse_preprocess(spec)({"image": image}, rng)["image"]
-  for height, width in [(30, 40), (12, 27), (25, 18), (8, 27)]:  # some side grows: bilinear
+  for height, width in [(30, 40), (12, 27), (25, 18), (8, 27), (5, 7)]:
     expected = _bilinear(image, height, width)
-    out = apply(f"resize(({height},{width}))", image)
-    assert out.dtype == np.uint8 and out.shape == (height, width, 3)
-    np.testing.assert_allclose(out, expected, rtol=0, atol=1)  # uint8 rounding
-    out = apply(f"resize(({height},{width}))", image.astype(np.float32))
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-3)
+    for method in ("", ",method='area'") if (height, width) != (5, 7) else ("",):
+      out = apply(f"resize(({height},{width}){method})", image)
+      assert out.dtype == np.uint8 and out.shape == (height, width, 3)
+      np.testing.assert_allclose(out, expected, rtol=0, atol=1)  # uint8 rounding
+      out = apply(f"resize(({height},{width}){method})", image.astype(np.float32))
+      assert out.dtype == np.float32
+      np.testing.assert_allclose(out, expected, rtol=0, atol=1e-3)
   # Both sides shrink by whole factors: each pixel the mean of its 2x3 block, rounded for uint8.
   blocks = image.reshape(6, 2, 6, 3, 3).astype(np.float64).mean(axis=(1, 3))
-  np.testing.assert_allclose(apply("resize(6)", image), blocks, rtol=0, atol=0.5)
-  np.testing.assert_allclose(apply("resize(6)", image.astype(np.float32)), blocks, rtol=0,
-                             atol=1e-4)
-  np.testing.assert_allclose(apply("resize_small(6)", image),  # 6x9: 2x2 blocks
-                             image.reshape(6, 2, 9, 2, 3).astype(np.float64).mean(axis=(1, 3)),
-                             rtol=0, atol=0.5)
-  np.testing.assert_array_equal(apply("resize((1,1))", image[:1, :1, :1]), image[:1, :1, :1])
+  np.testing.assert_allclose(apply("resize(6,method='area')", image), blocks, rtol=0, atol=0.5)
+  np.testing.assert_allclose(apply("resize(6,method='area')", image.astype(np.float32)), blocks,
+                             rtol=0, atol=1e-4)
+  small = image.reshape(6, 2, 9, 2, 3).astype(np.float64).mean(axis=(1, 3))  # 6x9: 2x2 blocks
+  np.testing.assert_allclose(apply("resize_small(6)", image), small, rtol=0, atol=0.5)
+  np.testing.assert_allclose(apply("resize_small(6,method='bilinear')", image),
+                             _bilinear(image, 6, 9), rtol=0, atol=1)
+  assert np.abs(apply("resize_small(5)", image) - _bilinear(image, 5, 8)).max() > 5  # not 2x
   # inception_crop resizes bilinearly even where it shrinks (the whole 12x12 image to 5x5 here).
   square = image[:, :12]
   np.testing.assert_allclose(apply("inception_crop(5,area_min=100)", square),
                              _bilinear(square, 5, 5), rtol=0, atol=1)
-  assert np.abs(apply("resize(5)", square) - _bilinear(square, 5, 5)).max() > 5  # area differs
+  with pytest.raises(ValueError, match="method must be one of 'bilinear', 'area', got 'cubic'"):
+    data.parse_preprocess("resize(5,method='cubic')")
 
 
 def test_jpeg_decodes_to_the_pixels_pil_gives_ignoring_exif_rotation():
-  """JPEGs are decoded by simplejpeg; RGB and grey ones give PIL's pixels, and an EXIF orientation
-  is ignored, as PIL and tf.io.decode_jpeg ignore it."""
+  """JPEGs give PIL's pixels (RGB and grey ones decoded by simplejpeg, CMYK ones by PIL), and an
+  EXIF orientation is ignored, as PIL and tf.io.decode_jpeg ignore it."""
   rotated = io.BytesIO()
   exif = PIL.Image.Exif()
   exif[0x0112] = 6  # "rotate 90 degrees to display"
   PIL.Image.fromarray(np.random.default_rng(2).integers(0, 256, (20, 30, 3), np.uint8)).save(
       rotated, format="JPEG", exif=exif)
-  files = [f for f in encoded_images() if "JPEG" in f[0]] + [("EXIF-rotated", rotated.getvalue())]
-  assert len(files) == 4
+  cmyk = io.BytesIO()
+  PIL.Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 30, 3), np.uint8)).convert(
+      "CMYK").save(cmyk, format="JPEG")
+  files = [f for f in encoded_images() if "JPEG" in f[0]] + [("EXIF-rotated", rotated.getvalue()),
+                                                             ("CMYK", cmyk.getvalue())]
+  assert len(files) == 5
+  opened = []
+  real_open = PIL.Image.open
+  def counting_open(*args, **kwargs):
+    opened.append(1)
+    return real_open(*args, **kwargs)
   for name, encoded in files:
     with PIL.Image.open(io.BytesIO(encoded)) as pil:
       expected = np.asarray(pil.convert("RGB"))
-    decoded = data.parse_preprocess("decode")({"image": encoded}, None)["image"]
+    opened.clear()
+    with mock.patch.object(PIL.Image, "open", counting_open):
+      decoded = data.parse_preprocess("decode")({"image": encoded}, None)["image"]
     assert decoded.dtype == np.uint8 and decoded.shape == expected.shape, name
     np.testing.assert_array_equal(decoded, expected, err_msg=name)
+    assert bool(opened) == (name == "CMYK"), f"{name}: by {'PIL' if opened else 'simplejpeg'}"
 
 
 def test_ops_do_what_their_names_say():
@@ -177,6 +194,9 @@ def test_ops_do_what_their_names_say():
   assert crops == windows
   flips = [np.array_equal(apply("flip_lr", {"image": image}), image[:, ::-1]) for _ in range(100)]
   assert 20 < sum(flips) < 80
+  floats = image.astype(np.float32) / 7
+  flipped = [apply("flip_lr", {"image": floats}) for _ in range(20)]
+  assert {f.tobytes() for f in flipped} == {floats.tobytes(), floats[:, ::-1].tobytes()}
   scaled = apply("value_range(-1,1)", {"image": np.array([[[0, 255, 51]]], np.uint8)})
   np.testing.assert_allclose(scaled, [[[-1, 1, -0.6]]], atol=1e-6)
   assert scaled.dtype == np.float32
@@ -384,6 +404,37 @@ def test_ops_on_decoded_files_give_the_bits_of_the_ops_one_at_a_time(spec):
       out = np.full(image.shape, np.nan, np.float32)
       finish(row, out)
       assert out.tobytes() == image.astype(np.float32).tobytes(), name
+
+
+@pytest.mark.parametrize("environment, tuned", [
+    ({}, True), ({"MALLOC_TRIM_THRESHOLD_": "0"}, False), ({"GLIBC_TUNABLES": "x"}, False),
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, False), ({"LD_PRELOAD": "/lib/libfoo.so"}, True)])
+def test_batch_processes_keep_freed_memory_unless_the_allocator_is_tuned(environment, tuned,
+                                                                         monkeypatch):
+  """`prepare_process` sets glibc's malloc to keep freed images (mallopt), once per process,
+  unless the environment tunes or replaces the allocator; OpenCV then resizes in the calling
+  thread."""
+  import cv2
+  from common_jax.data import batching
+  calls = []
+  class FakeLibc:
+    def mallopt(self, parameter, value):
+      calls.append((parameter, value))
+  monkeypatch.setattr(batching.ctypes, "CDLL", lambda name: FakeLibc())
+  monkeypatch.setattr(batching, "_prepared", False)
+  for name in batching._ALLOCATOR_ENVIRONMENT + ("LD_PRELOAD",):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in environment.items():
+    monkeypatch.setenv(name, value)
+  threads = cv2.getNumThreads()
+  try:
+    batching.prepare_process()
+    batching.prepare_process()
+    assert cv2.getNumThreads() == 1
+  finally:
+    cv2.setNumThreads(threads)
+  linux = sys.platform.startswith("linux")
+  assert sorted(calls) == (sorted(batching._ALLOCATOR_SETTINGS.items()) if tuned and linux else [])
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_position():
@@ -798,9 +849,11 @@ def test_an_undecodable_catalogue_image_names_its_example(tmp_path):
                 preprocess="decode|value_range(-1,1)", global_batch_size=4)
   with pytest.raises(data.BadImageError) as error:
     list(data.eval_iterator(**kwargs))
-  assert assert_one_sentence(error).startswith(
+  message = assert_one_sentence(error)
+  # The `decode` op reads the file (tfds leaves it encoded), so PIL says what is wrong with it.
+  assert message.startswith(
       "example 2 of split 'train' of config.dataset='corrupt_catalogue_stand_in' cannot be "
-      "decoded (")
+      "decoded (PIL recognises no image format in it); ") and "NoneType" not in message, message
   batches = list(data.eval_iterator(**kwargs, skip_bad_images=True))
   assert batches[0]["mask"].tolist() == [1, 1, 0, 1]
 
@@ -857,7 +910,7 @@ PREPROCESS_MISTAKES = [  # (config string, what the sentence must name)
     ("decode|value_range(0,1,in_min=3,in_max=3)", "in_min and in_max must differ"),
     ("decode|value_range('a')", "vmin must be a finite number, got 'a'"),
     ("decode|resize(True)", "size must be a positive int or [height, width] of positive ints, "
-     "got True; the op is resize(size)"),
+     "got True; the op is resize(size, method='bilinear')"),
     ("decode|resize(4.5)", "got 4.5"),
     ("decode|resize((4, 4, 4))", "got (4, 4, 4)"),
     ("decode|random_crop(4, pad=1.5)", "pad must be a non-negative int, got 1.5"),
@@ -865,7 +918,7 @@ PREPROCESS_MISTAKES = [  # (config string, what the sentence must name)
      "the op is random_crop(size, pad=0)"),
     ("decode|flip_lr(3)", "whose arguments do not fit: too many positional arguments; the op is "
      "flip_lr()"),
-    ("decode|resize(x=4)", "the op is resize(size)"),
+    ("decode|resize(x=4)", "the op is resize(size, method='bilinear')"),
     ("decode|inception_crop(4, area_min=-1)", "need 0 < area_min <= area_max <= 100"),
     ("decode|randaugment(-1,10)", "'randaugment(-1,10)', with a bad argument: n (the number of "
      "operations per image) must be a non-negative int, got -1; the op is randaugment(n, m)."),

@@ -6,12 +6,13 @@ iterator that reports undecodable images skipped.
 
 import collections
 import ctypes
-import ctypes.util
+import os
 import sys
 import threading
 from typing import Callable, Iterator, Optional
 
 from absl import flags
+import cv2
 import grain
 import numpy as np
 
@@ -20,34 +21,42 @@ BAD = "_bad_images"  # a row's undecodable images: [(where, reason)], taken off 
 _WARNED: set[str] = set()  # undecodable images already reported by this process
 
 
-# glibc's mallopt parameters, and what keep_freed_memory sets them to.
+# glibc's mallopt parameters, and what `prepare_process` sets them to.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _ALLOCATOR_SETTINGS = {_M_TRIM_THRESHOLD: 64 << 20, _M_TOP_PAD: 16 << 20,
                        _M_MMAP_THRESHOLD: 32 << 20}
-_allocator_kept = False
+# Where a user has tuned glibc's allocator or preloaded another, it is left as it is.
+_ALLOCATOR_ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_",
+                          "GLIBC_TUNABLES")
+_prepared = False
 
 
-def keep_freed_memory() -> None:
-  """Has glibc's malloc keep freed memory for the next image instead of handing it back to the
-  kernel (once per process; elsewhere than glibc, nothing).
+def prepare_process() -> None:
+  """Once per process that computes batches (the main one, and each Grain worker):
 
-  By default, freeing a decoded image or a batch (0.2 to 20 MB) returns the pages to the
-  kernel and the next allocation of that size faults them back in, zeroed: about 0.06 ms of
-  CPU per 224x224 image, a tenth of what the pipeline spends on one (measured with
-  benchmarks/input_vs_tfdata.py). Up to 64 MB of freed memory per allocator arena (one per
-  thread that allocates, at most 8 per core) is kept instead, and blocks under 32 MB (a float32
-  batch of 32 images of 224x224 is 19 MB) come from the heap, glibc's own largest automatic
-  threshold."""
-  global _allocator_kept
-  if _allocator_kept:
+  - glibc's malloc keeps freed memory for the next image instead of handing it back to the
+    kernel. By default, freeing a decoded image or a batch (0.2 to 20 MB) returns its pages and
+    the next allocation of that size faults them back in, zeroed: about 0.06 ms of CPU per
+    224x224 image, a tenth of what the pipeline spends on one (benchmarks/input_vs_tfdata.py).
+    Up to 64 MB freed per allocator arena is kept, and blocks under 32 MB (a float32 batch of 32
+    images of 224x224 is 19 MB) come from the heap, glibc's largest automatic threshold. Not where
+    the environment tunes glibc's allocator (`_ALLOCATOR_ENVIRONMENT`) or preloads another
+    (jemalloc, tcmalloc, mimalloc), nor elsewhere than Linux with glibc.
+  - OpenCV computes each resize in the calling thread: the pipeline's threads and workers are
+    its parallelism, and OpenCV's own pool (a thread per core, for outputs over 65k pixels) would
+    oversubscribe the cores.
+  """
+  global _prepared
+  if _prepared:
     return
-  _allocator_kept = True
-  if not sys.platform.startswith("linux"):
+  _prepared = True
+  cv2.setNumThreads(1)
+  if (not sys.platform.startswith("linux") or any(map(os.environ.get, _ALLOCATOR_ENVIRONMENT))
+      or "malloc" in os.environ.get("LD_PRELOAD", "")):
     return
   try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+  except (OSError, AttributeError):  # not glibc (musl has no libc.so.6)
     return
   for parameter, value in _ALLOCATOR_SETTINGS.items():
     mallopt(parameter, value)
@@ -58,7 +67,7 @@ def stack_fn(field: str, preprocess: str) -> Callable[[list[Batch]], Batch]:
   one sentence if sizes vary after all (a catalogue dataset past the examples checked). Images
   stay as the per-example ops leave them (uint8 before a final value_range): `finish_fn`."""
   def stack(rows):
-    keep_freed_memory()  # here, so that worker processes set it too
+    prepare_process()  # here, so that worker processes do it too
     shapes = {row["image"].shape for row in rows}
     if len(shapes) > 1:
       raise ValueError(f"{field}={preprocess!r} gives images of shapes {sorted(shapes)} in one "
@@ -133,7 +142,7 @@ def warn(line: str) -> None:
 def iterate(batches: grain.MapDataset, finish: Callable[[Batch], Batch], prefetch: int,
              worker_count: int) -> Iterator[Batch]:
   """The batches of `batches` (images as the per-example ops leave them) through `finish`."""
-  keep_freed_memory()
+  prepare_process()
   # One thread per batch in flight: decoding and resizing (OpenCV) and numpy release the GIL, so
   # the threads of one process compute batches side by side.
   read_options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)

@@ -14,12 +14,12 @@ Reading without TensorFlow (checked with tfds 4.9.10, TensorFlow not installed):
 - `tfds.builder(name)` loads cifar10, cifar100, imagenet2012, oxford_iiit_pet, oxford_flowers102
   and mnist; a name tfds cannot load (unknown, or a builder that imports TensorFlow) still loads
   if it is prepared in data_dir, from its dataset_info.json.
-- `as_data_source()` of an array_record dataset decodes each example with numpy;
-  `tfds.features.Image` goes through `Image.decode_example_np`, with OpenCV (a dependency of
-  ours; without it tfds uses PIL and logs a warning). Images arrive as uint8 [height, width, channels],
-  so `decode` only turns grey into RGB. tests/test_data.py checks this with a stand-in builder
-  whose Image feature is written from PNG bytes: encoding bytes, paths or PIL images needs no
-  TensorFlow either, only encoding numpy arrays does.
+- `as_data_source()` of an array_record dataset parses each example with numpy. A
+  `tfds.features.Image` is read with `SkipDecoding` (`sources.as_data_source`): its file's bytes
+  reach the `decode` op, as an image folder's do, which decodes them (simplejpeg, PIL) and says
+  why a file cannot be read. tests/test_data.py checks this with a stand-in builder whose Image
+  feature is written from PNG bytes: encoding bytes, paths or PIL images needs no TensorFlow
+  either, only encoding numpy arrays does.
 - A dataset prepared as tfrecord has no random-access source; it must be rebuilt as array_record.
 """
 

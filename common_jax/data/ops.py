@@ -2,13 +2,12 @@
 and parses the strings): each a factory that checks its literal arguments and returns
 `op(example, rng) -> example`, on numpy images.
 
-JPEG files are decoded by simplejpeg (libjpeg-turbo straight into RGB: the pixels PIL gives for
-RGB and grey JPEGs, with fewer copies); other formats, CMYK JPEGs and unreadable files by PIL,
-whose message says what is wrong. Resizes and flips are OpenCV's. Resizes are bilinear with
-half-pixel centres, as `tf.image.resize` in the reference pipelines (big_vision,
-vision_transformer), and `inception_crop` always so; `resize` and `resize_small` average areas
-where both sides shrink, as big_vision's `resize_small` and iGPT's box-downsampled ImageNet.
-Crops are numpy views; the batch copies each image once.
+JPEG files are decoded by simplejpeg (libjpeg-turbo straight into RGB: the pixels PIL gives,
+with fewer copies); CMYK JPEGs, other formats and unreadable files by PIL, whose message says
+what is wrong. Resizes and flips are OpenCV's. Resizes follow the reference pipelines (big_vision,
+vision_transformer, both tf.image.resize): bilinear with half-pixel centres for `resize` and
+`inception_crop`, area averaging where `resize_small` shrinks; `method=` chooses the other.
+Crops are numpy views.
 """
 
 import io
@@ -61,7 +60,7 @@ def _height_width(size: Size) -> tuple[int, int]:
   return height, width
 
 
-def _resize(image: np.ndarray, height: int, width: int, area: bool = True) -> np.ndarray:
+def _resize(image: np.ndarray, height: int, width: int, area: bool) -> np.ndarray:
   """[h, w, c] -> [height, width, c], the same dtype: bilinear (half-pixel centres, edge pixels
   repeated), or with `area` area averaging where neither side grows."""
   if image.shape[:2] == (height, width):
@@ -95,9 +94,11 @@ def _open(encoded: bytes) -> np.ndarray:
   if encoded[:3] == _JPEG_START:
     try:
       # libjpeg-turbo straight into RGB, warnings being errors; it ignores EXIF rotation, as PIL.
-      return simplejpeg.decode_jpeg(encoded, colorspace="RGB")
+      # CMYK and YCCK files are left to PIL, whose conversion to RGB differs by a level or so.
+      if simplejpeg.decode_jpeg_header(encoded)[2] in ("YCbCr", "Gray", "RGB"):
+        return simplejpeg.decode_jpeg(encoded, colorspace="RGB")
     except ValueError:
-      pass  # truncated or corrupt (PIL says why), or CMYK (PIL converts it)
+      pass  # truncated or corrupt: PIL says why
   try:
     with PIL.Image.open(io.BytesIO(encoded)) as pil_image:
       pil_image.load()
@@ -135,22 +136,39 @@ def decode() -> Op:
   return op
 
 
-def resize(size: Size) -> Op:
-  """Resizes to `size` (int: square, or [height, width]) ignoring the aspect ratio."""
+_METHODS = ("bilinear", "area")
+
+
+def _check_method(method: Any) -> bool:
+  """Whether `method` asks for area averaging; a ValueError for a method that is not known."""
+  if method not in _METHODS:
+    raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
+  return method == "area"
+
+
+def resize(size: Size, method: str = "bilinear") -> Op:
+  """Resizes to `size` (int: square, or [height, width]) ignoring the aspect ratio: bilinear, as
+  big_vision's and vision_transformer's tf.image.resize; method='area' averages areas where both
+  sides shrink (as box-downsampled ImageNet 32x32 and 64x64 are made; bilinear where a side
+  grows)."""
   height, width = _height_width(size)
-  return lambda example, rng: {**example, "image": _resize(example["image"], height, width)}
+  area = _check_method(method)
+  return lambda example, rng: {**example,
+                               "image": _resize(example["image"], height, width, area)}
 
 
-def resize_small(size: int) -> Op:
-  """Resizes, keeping the aspect ratio, so that the shorter side is `size`."""
+def resize_small(size: int, method: str = "area") -> Op:
+  """Resizes, keeping the aspect ratio, so that the shorter side is `size`: area averaging where
+  it shrinks, bilinear where it grows (big_vision's resize_small default), or method='bilinear'."""
   if not (_is_int(size) and size > 0):
     raise ValueError(f"size must be a positive int, got {size!r}")
+  area = _check_method(method)
   def new_size(image_height, image_width):
     scale = size / min(image_height, image_width)
     return max(1, round(image_height * scale)), max(1, round(image_width * scale))
   def op(example, rng):
     image = example["image"]
-    return {**example, "image": _resize(image, *new_size(*image.shape[:2]))}
+    return {**example, "image": _resize(image, *new_size(*image.shape[:2]), area)}
   return op
 
 

@@ -33,6 +33,17 @@ def classification_builder(dataset: str, data_dir: Optional[str],
   return builder
 
 
+def as_data_source(builder: tfds.core.DatasetBuilder, split: str):
+  """`builder.as_data_source(split)`, with the files of an Image feature left encoded for the
+  `decode` op, as an image folder's are: simplejpeg for JPEGs, PIL otherwise, and PIL's reason
+  for a file that cannot be read. (tfds would decode them with OpenCV, which says only that it
+  got nothing, and its CMYK conversion is not PIL's.)"""
+  image = builder.info.features["image"] if "image" in builder.info.features else None
+  decoders = ({"image": tfds.decode.SkipDecoding()}
+              if isinstance(image, tfds.features.Image) else None)
+  return builder.as_data_source(split=split, decoders=decoders)
+
+
 class SplitSource:
   """The records of one prepared split, by index; pickles as (prepared directory, split).
 
@@ -50,7 +61,7 @@ class SplitSource:
     self._builder_dir, self._split = builder_dir, split
     if source is None:
       with builders.quiet_tfds():
-        source = tfds.builder_from_directory(builder_dir).as_data_source(split=split)
+        source = as_data_source(tfds.builder_from_directory(builder_dir), split)
     self._source = source
     self._folder_records = _folder_records(source)
 
@@ -125,7 +136,7 @@ def open_split(dataset: str, split: str, data_dir: Optional[str], manual_dir: Op
                      "or a slice such as 'train[:90%]'.")
   try:
     with builders.quiet_tfds():
-      source = builder.as_data_source(split=split)
+      source = as_data_source(builder, split)
   except Exception as error:  # pylint: disable=broad-except  # tfds: ValueError, KeyError, ...
     unknown = [name for name in split_names(split) if name not in builder.info.splits]
     if unknown:
@@ -234,7 +245,7 @@ def check_one_size(reader: Reader, builder: tfds.core.DatasetBuilder) -> None:
   first few examples), so that a string that fails, or leaves sizes varying, which cannot be
   stacked into batches, is one sentence now rather than a failure mid-run."""
   shapes = {}
-  with builders.quiet_tfds():  # tfds logs a warning when it first decodes an image feature
+  with builders.quiet_tfds():
     for name in split_names(reader.split):
       if name not in builder.info.splits:
         continue
@@ -244,7 +255,7 @@ def check_one_size(reader: Reader, builder: tfds.core.DatasetBuilder) -> None:
       else:
         indices = range(min(TRIAL_EXAMPLES, builder.info.splits[name].num_examples))
       source = reader.source if name == reader.split else SplitSource(
-          str(builder.data_dir), name, builder.as_data_source(split=name))
+          str(builder.data_dir), name, as_data_source(builder, name))
       trial = Reader(source, dataset=reader.dataset, split=name, preprocess=reader.preprocess,
                       field=reader.field)
       for index in indices:
