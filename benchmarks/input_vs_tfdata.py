@@ -47,9 +47,9 @@ Measured on the 2-core x86 VM, idle (load average 1.3-1.7; 2026-11-27 06:22 UTC)
   | ours, 1 worker | 2135 | 0.71 | 0.86 | 1.83 |
   | ours, 2 workers | 2232 | 0.74 | 0.86 | 1.92 |
 
-Seven runs that half hour (5 or 7 rounds; some with `--workers 0` or `0,2`) gave ours with 0
-workers 0.86, 0.98, 1.00, 1.01, 1.02, 1.03 and 1.03x the best tf.data, at 0.59-0.70 CPU ms/img
-against 0.64-0.69 (medians 0.61 and 0.67).
+Eight runs that half hour (5 or 7 rounds; some with `--workers 0` or `0,2`) gave ours with 0
+workers 0.86, 0.98, 1.00, 1.00, 1.01, 1.02, 1.03 and 1.03x the best tf.data (median 1.005), at
+0.59-0.70 CPU ms/img against 0.64-0.69 (medians 0.61 and 0.67).
 
 An image costs us less CPU than it costs tf.data; what keeps the img/s ratio near 1.0 is the
 cores: tf.data's C++ threads keep both busy (1.95-2.0), our threads 1.7-1.86 (each batch is one
