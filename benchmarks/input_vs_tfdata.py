@@ -54,7 +54,8 @@ workers 0.86, 0.98, 1.00, 1.00, 1.01, 1.02, 1.03 and 1.03x the best tf.data (med
 An image costs us less CPU than it costs tf.data; what keeps the img/s ratio near 1.0 is the
 cores: tf.data's C++ threads keep both busy (1.95-2.0), our threads 1.7-1.86 (each batch is one
 thread's, and the per-example Python, about 0.1 ms of an image, holds the GIL; 3, 4 or 6 threads
-did no better). Worker processes pay for moving batches between processes (0.83-0.95 ms/img).
+did no better). Worker processes cost more per image (0.77-0.95 CPU ms/img, the main process's
+share included: batches cross between processes, and the final scaling runs in the main one).
 
 Where the time went, and what changed it (one op at a time on these images, CPU time):
 - JPEG decode: PIL 0.28-0.41 ms, simplejpeg 0.22-0.24 (both libjpeg-turbo, the same pixels;

@@ -143,11 +143,16 @@ def iterate(batches: grain.MapDataset, finish: Callable[[Batch], Batch], prefetc
              worker_count: int) -> Iterator[Batch]:
   """The batches of `batches` (images as the per-example ops leave them) through `finish`."""
   prepare_process()
-  # One thread per batch in flight: decoding and resizing (OpenCV) and numpy release the GIL, so
-  # the threads of one process compute batches side by side.
-  read_options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
   if worker_count == 0:
+    # One thread per batch in flight: decoding and resizing (simplejpeg, OpenCV) and numpy
+    # release the GIL, so the threads of one process compute batches side by side.
+    read_options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
     return iter(batches.map(finish).to_iter_dataset(read_options))
+  # A worker computes one batch at a time, the workers side by side: two threads in a worker
+  # contend for its GIL (benchmarks/image_folder_workers.py, 2 workers on 2 cores, five runs
+  # against three: 0.44-0.59 against 0.66-0.75 CPU ms per image in the workers, 2,487-3,373
+  # against 1,778-2,342 img/s).
+  read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(prefetch, 1))
   if not flags.FLAGS.is_parsed():
     # Grain's workers read Grain's absl flags; a program not started by absl.app.run has not
     # parsed them, and then their defaults are what it means.
