@@ -406,6 +406,26 @@ def test_ops_on_decoded_files_give_the_bits_of_the_ops_one_at_a_time(spec):
       assert out.tobytes() == image.astype(np.float32).tobytes(), name
 
 
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * 8 * 8 * 3 * 4, 1 << 20])
+@pytest.mark.parametrize("spec", ["decode|value_range(-1,1)", "decode|value_range(0,1,in_min=3)",
+                                  "decode"])
+def test_batch_finish_in_chunks_gives_the_bits_of_each_row_alone(spec, chunk_bytes, monkeypatch):
+  """`finish_fn` writes several rows per call where images are small (one row per call, two, or
+  the whole batch here): the same bits as `finish` of each row alone; padding rows zeros."""
+  from common_jax.data import batching, preprocess
+  monkeypatch.setattr(batching, "_FINISH_CHUNK_BYTES", chunk_bytes)
+  _, finish = preprocess.parse_for_batches(spec)
+  images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+  mask = np.array([1, 1, 0, 1, 0], np.float32)
+  batch = batching.finish_fn(finish)({"image": images, "label": np.arange(5), "mask": mask})
+  for row, image, real in zip(batch["image"], images, mask):
+    expected = np.zeros(image.shape, np.float32)
+    if real:
+      finish(image, expected)
+    assert row.tobytes() == expected.tobytes()
+  assert batch["label"].tolist() == list(range(5)) and batch["image"].dtype == np.float32
+
 @pytest.mark.parametrize("environment, tuned", [
     ({}, True), ({"MALLOC_TRIM_THRESHOLD_": "0"}, False), ({"GLIBC_TUNABLES": "x"}, False),
     ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, False), ({"LD_PRELOAD": "/lib/libfoo.so"}, True)])
