@@ -7,7 +7,7 @@ Data: scikit-learn's 1,797 real 8x8 digit images (tfds builder `sklearn_digits`,
 4 blocks, global average pooling, dropout 0.1; AdamW (weight decay 0.1), 2,000 steps of batch
 128, random translations by up to one pixel.
 Expected: >= 97% test accuracy in 2 to 5 minutes on 2 CPU cores (98.03% measured with the
-present dropout masks and example order: 1m49s on an idle machine, 3m49s on a busy one; 97.18%
+present dropout masks and example order: 1m42s on an idle machine, 3m49s on a busy one; 97.18%
 and 97.75% before them, on two machines).
 """
 
