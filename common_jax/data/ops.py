@@ -60,6 +60,10 @@ def _height_width(size: Size) -> tuple[int, int]:
   return height, width
 
 
+# The image dtypes the OpenCV resizes and flips here take as they are.
+_OPENCV_DTYPES = (np.uint8, np.float32)
+
+
 def _resize(image: np.ndarray, height: int, width: int, area: bool) -> np.ndarray:
   """[h, w, c] -> [height, width, c], the same dtype: bilinear (half-pixel centres, edge pixels
   repeated), or with `area` area averaging where neither side grows."""
@@ -67,7 +71,7 @@ def _resize(image: np.ndarray, height: int, width: int, area: bool) -> np.ndarra
     return image
   shrinks = area and height <= image.shape[0] and width <= image.shape[1]
   dtype = image.dtype
-  if dtype not in (np.uint8, np.float32):  # what OpenCV resizes; others go through float32
+  if dtype not in _OPENCV_DTYPES:  # others go through float32
     image = image.astype(np.float32)
   resized = cv2.resize(image, (width, height),
                        interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_LINEAR)
@@ -233,7 +237,7 @@ def flip_lr() -> Op:
       image = example["image"]
       # OpenCV's flip writes a contiguous copy (the batch then copies it at memory speed; a
       # mirrored numpy view copies pixel by pixel, slower than the resize).
-      flipped = (cv2.flip(image, 1).reshape(image.shape) if image.dtype in (np.uint8, np.float32)
+      flipped = (cv2.flip(image, 1).reshape(image.shape) if image.dtype in _OPENCV_DTYPES
                  else image[:, ::-1])
       return {**example, "image": flipped}
     return example
