@@ -39,8 +39,8 @@ from common_jax import workdir as workdir_lib
 from common_jax.errors import ConfigError
 # The run's plain values and the checks on them, named by families and run.py as `family.X`.
 from common_jax.runs import (  # pylint: disable=unused-import
-    DataSettings, ExportRequest, NoSettings, Run, check_num_classes, check_workdir,
-    has_checkpoints, is_main_process)
+    DataSettings, ExportRequest, NoSettings, Run, check_image_size, check_num_classes,
+    check_workdir, has_checkpoints, is_main_process)
 
 FAMILY_MODULES = ("vit_jax.family", "igpt_jax.family")
 # Exit statuses of run.py: a wrapper script can tell "run me again" from "done" and "fix me".
@@ -184,12 +184,15 @@ class Family:
            "config.preprocess_eval")):
         data.check_dataset(split=split, split_field=field,
                            skip_bad_images=run.data.skip_bad_images, **run.data.source)
-        data.check_preprocess(spec, spec_field, split=split, **run.data.source)
+        size = data.check_preprocess(spec, spec_field, split=split, **run.data.source)
+        check_image_size(run, size, spec, spec_field, split)
       if self.uses_labels(run):
         check_num_classes(run)
-    elif run.mode == "plan":
-      data.check_preprocess(run.data.preprocess_train, "config.preprocess_train")
-      data.check_preprocess(run.data.preprocess_eval, "config.preprocess_eval")
+    elif run.mode == "plan":  # the strings alone, and the size they set if they set one
+      for split, spec, spec_field in (
+          (run.data.train_split, run.data.preprocess_train, "config.preprocess_train"),
+          (run.data.eval_split, run.data.preprocess_eval, "config.preprocess_eval")):
+        check_image_size(run, data.check_preprocess(spec, spec_field), spec, spec_field, split)
     self.check_settings(run)
     run.initial_params = self.initializer(run) if run.mode == "train" else None
     if run.mode == "sweep":  # each run's own checks, all before the first one trains

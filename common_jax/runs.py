@@ -125,3 +125,21 @@ def check_num_classes(run: Run) -> None:
   if run.num_classes != labels:
     raise ConfigError(f"config.num_classes={run.num_classes} but {run.data.dataset} has {labels} "
                       f"classes; set config.num_classes={labels}.")
+
+
+def check_image_size(run: Run, size: Optional[Tuple[int, int]], spec: str, field: str,
+                     split: str) -> None:
+  """The images a preprocessing string leaves (`size`, from `data.check_preprocess`) must be
+  config.image_size square: the model's input (ViT's position embeddings, iGPT's sequence)."""
+  if size is None or size == (run.image_size, run.image_size):
+    return
+  height, width = size
+  side = run.image_size
+  ops = f"resize({side})"  # a crop can only make images smaller
+  if min(height, width) >= side:
+    ops = f"resize({side}), central_crop({side}) or random_crop({side})"
+  fix = f"set config.image_size={height}, or " if height == width else ""
+  raise ConfigError(
+      f"{field}={spec!r} leaves the images of split {split!r} of config.dataset="
+      f"{run.data.dataset!r} at {height}x{width}, but config.image_size={side}; {fix}bring them "
+      f"to {side}x{side} with {ops} in the string.")

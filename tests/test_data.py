@@ -965,6 +965,18 @@ def test_check_preprocess_names_the_field_the_op_and_the_fix(spec, fragment):
   assert message.startswith("config.preprocess_train") and fragment in message, message
 
 
+@pytest.mark.parametrize("spec, size", [
+    ("decode|resize(8)|value_range(-1,1)", (8, 8)),
+    ("decode|random_crop([4,6],pad=1)|flip_lr|value_range(-1,1)", (4, 6)),
+    ("decode|resize_small(256)|central_crop(224)|value_range(-1,1)", (224, 224)),
+    ("decode|inception_crop(224)|flip_lr|randaugment(2,10)", (224, 224)),
+    ("decode|resize(8)|resize_small(4)", None),  # the longer side follows the image
+    ("decode|value_range(-1,1)", None),  # the images' own size
+])
+def test_the_string_alone_says_the_size_it_sets(spec, size):
+  assert data.check_preprocess(spec, "config.preprocess_eval") == size
+
+
 def test_every_recipe_preprocessing_passes_the_check():
   import glob
   import importlib
@@ -977,7 +989,8 @@ def test_every_recipe_preprocessing_passes_the_check():
     config = config.get_config()
     for field in ("preprocess_train", "preprocess_eval"):
       if field in config:
-        data.check_preprocess(config[field], f"config.{field}")
+        size = data.check_preprocess(config[field], f"config.{field}")
+        assert size in (None, (config.image_size,) * 2), (name, field, size)
 
 
 def test_preprocessing_that_leaves_sizes_mixed_is_refused_before_the_first_batch(tmp_path,
@@ -998,12 +1011,14 @@ def test_preprocessing_that_leaves_sizes_mixed_is_refused_before_the_first_batch
                    r"them one size with resize\(S\)", message), message
   with pytest.raises(ValueError, match="leaves images of split 'train'"):
     data.eval_iterator(preprocess="decode|value_range(-1,1)", global_batch_size=2, **source)
-  for spec in ("decode|resize(8)|value_range(-1,1)", "decode|resize_small(8)|central_crop(8)",
-               "decode|inception_crop(6)|flip_lr"):
-    data.check_preprocess(spec, "config.preprocess_eval", **source)
+  for spec, size in (("decode|resize(8)|value_range(-1,1)", (8, 8)),
+                     ("decode|resize_small(8)|central_crop(8)", (8, 8)),
+                     ("decode|inception_crop(6)|flip_lr", (6, 6))):
+    assert data.check_preprocess(spec, "config.preprocess_eval", **source) == size
   # One size throughout: no resize needed, and the dataset says which size.
-  data.check_preprocess("decode|value_range(-1,1)", "config.preprocess_eval",
-                        dataset=f"image_folder:{same}", split="test", data_dir=data_dir)
+  assert data.check_preprocess("decode|value_range(-1,1)", "config.preprocess_eval",
+                               dataset=f"image_folder:{same}", split="test",
+                               data_dir=data_dir) == (5, 6)
   assert data.dataset_info(f"image_folder:{same}", data_dir).image_shape == (5, 6, 3)
   # An op that cannot work on the images is named with the example it failed on.
   with pytest.raises(ValueError) as error:

@@ -10,6 +10,9 @@ from configs import vit_pretrain
 def _fsdp(config, **overrides):
   config.mesh.data, config.mesh.fsdp = 1, -1
   config.update(overrides)
+  if "image_size" in overrides:  # the recipe's strings crop to its own size (plan checks them)
+    config.preprocess_train = config.preprocess_eval = (
+        f"decode|resize({overrides['image_size']})|value_range(-1,1)")
   return config
 
 

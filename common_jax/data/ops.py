@@ -7,7 +7,8 @@ with fewer copies); CMYK JPEGs, other formats and unreadable files by PIL, whose
 what is wrong. Resizes and flips are OpenCV's. Resizes follow the reference pipelines (big_vision,
 vision_transformer, both tf.image.resize): bilinear with half-pixel centres for `resize` and
 `inception_crop`, area averaging where `resize_small` shrinks; `method=` chooses the other.
-Crops are numpy views.
+Crops are numpy views. An op that sets the image size carries it as `op.output_size`
+((height, width), or None where it depends on the image), so a string's size is known unread.
 """
 
 import io
@@ -157,8 +158,10 @@ def resize(size: Size, method: str = "bilinear") -> Op:
   grows)."""
   height, width = _height_width(size)
   area = _check_method(method)
-  return lambda example, rng: {**example,
-                               "image": _resize(example["image"], height, width, area)}
+  def op(example, rng):
+    return {**example, "image": _resize(example["image"], height, width, area)}
+  op.output_size = (height, width)
+  return op
 
 
 def resize_small(size: int, method: str = "area") -> Op:
@@ -173,6 +176,7 @@ def resize_small(size: int, method: str = "area") -> Op:
   def op(example, rng):
     image = example["image"]
     return {**example, "image": _resize(image, *new_size(*image.shape[:2]), area)}
+  op.output_size = None  # the longer side follows each image's aspect ratio
   return op
 
 
@@ -183,6 +187,7 @@ def central_crop(size: Size) -> Op:
     image = example["image"]
     top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
     return {**example, "image": _crop(image, top, left, height, width, "central_crop")}
+  op.output_size = (height, width)
   return op
 
 
@@ -201,6 +206,7 @@ def random_crop(size: Size, pad: int = 0) -> Op:
     top = int(rng.integers(0, max(image.shape[0] - height, 0) + 1))
     left = int(rng.integers(0, max(image.shape[1] - width, 0) + 1))
     return {**example, "image": _crop(image, top, left, height, width, "random_crop")}
+  op.output_size = (height, width)
   return op
 
 
@@ -227,6 +233,7 @@ def inception_crop(size: Size, area_min: float = 5, area_max: float = 100) -> Op
     image = example["image"]
     image = _crop(image, *box(rng, *image.shape[:2]), "inception_crop")
     return {**example, "image": _resize(image, height, width, area=False)}
+  op.output_size = (height, width)
   return op
 
 

@@ -24,7 +24,7 @@ images are skipped instead, deterministically (see `train_iterator`), each repor
 """
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 import grain
 import numpy as np
@@ -268,7 +268,7 @@ def check_dataset(dataset: str, split: str, data_dir: Optional[str] = None,
 
 def check_preprocess(spec: str, field: str, *, dataset: Optional[str] = None,
                      split: Optional[str] = None, data_dir: Optional[str] = None,
-                     manual_dir: Optional[str] = None) -> None:
+                     manual_dir: Optional[str] = None) -> Optional[Tuple[int, int]]:
   """Raises one sentence naming `field` for a preprocessing string that cannot work.
 
   Without a dataset, the string alone: the syntax, known ops (`OPS`) and their arguments, and
@@ -282,11 +282,15 @@ def check_preprocess(spec: str, field: str, *, dataset: Optional[str] = None,
     spec: the string, e.g. config.preprocess_train.
     field: the config field it came from, "config.preprocess_train" or "config.preprocess_eval".
     dataset, split, data_dir, manual_dir: as for `check_dataset` (call that first).
+
+  Returns:
+    The (height, width) of the images the string leaves: with a dataset, that of the images
+    tried (None where none could be decoded); without one, what the string alone says
+    (`preprocess.output_size`: None where that depends on the images).
   """
   preprocess_lib.check(spec, field)
   if dataset is None or split is None:
-    return
+    return preprocess_lib.output_size(spec, field)
   builder, source = sources.open_split(dataset, split, data_dir, manual_dir)
-  sources.check_one_size(sources.Reader(source, dataset=dataset, split=split, preprocess=spec,
-                                        field=field),
-                  builder)
+  reader = sources.Reader(source, dataset=dataset, split=split, preprocess=spec, field=field)
+  return sources.check_one_size(reader, builder)

@@ -22,7 +22,7 @@ same bits (tests/test_data.py checks), a quarter of the bytes per example, no fl
 
 import ast
 import inspect
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -103,6 +103,16 @@ def _compose(ops: Sequence[Op]) -> Op:
       example = op(example, rng)
     return example
   return preprocess
+
+
+def output_size(spec: str, field: str = "preprocess") -> Optional[tuple[int, int]]:
+  """The (height, width) of the images `spec` leaves, from the string alone: that of its last op
+  that sets the size (resize, the crops), or None where that depends on the images (none such,
+  or resize_small last)."""
+  size = None
+  for _, op in parse_ops(spec, field):
+    size = getattr(op, "output_size", size)
+  return size
 
 
 def parse(spec: str, field: str = "preprocess") -> Op:

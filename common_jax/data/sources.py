@@ -6,7 +6,7 @@ preprocessing string works on them and gives them one size.
 knows nothing of batches, steps or processes.
 """
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -240,10 +240,12 @@ class Reader:
     return {"image": image, "label": np.int32(example["label"])}
 
 
-def check_one_size(reader: Reader, builder: tfds.core.DatasetBuilder) -> None:
+def check_one_size(reader: Reader, builder: tfds.core.DatasetBuilder
+                   ) -> Optional[Tuple[int, int]]:
   """Runs the preprocessing on an image of each size an image folder's split holds (else on its
   first few examples), so that a string that fails, or leaves sizes varying, which cannot be
-  stacked into batches, is one sentence now rather than a failure mid-run."""
+  stacked into batches, is one sentence now rather than a failure mid-run. Returns the one
+  (height, width) it leaves, or None where no image tried could be decoded."""
   shapes = {}
   with builders.quiet_tfds():
     for name in split_names(reader.split):
@@ -272,3 +274,4 @@ def check_one_size(reader: Reader, builder: tfds.core.DatasetBuilder) -> None:
         f"{first}, {other[0]}x{other[1]} for {second}), which cannot be stacked into batches; "
         "give them one size with resize(S), central_crop(S) after resize_small(S), or "
         "inception_crop(S).")
+  return next(iter(shapes), None)
