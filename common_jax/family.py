@@ -176,23 +176,22 @@ class Family:
         sharding.check_batch_size(run.loop.batch_size // run.loop.accum_steps, mesh,
                                   field="config.batch_size / config.accum_steps")
       sharding.check_batch_size(run.data.eval_batch_size, mesh, field="config.eval_batch_size")
-    if run.mode not in ("export", "plan"):  # plan from shapes alone: the data may not be there
+    if run.mode != "export":
+      reads_data = run.mode != "plan"  # plan from shapes alone: the data may not be there
       for split, field, spec, spec_field in (
           (run.data.train_split, "config.train_split", run.data.preprocess_train,
            "config.preprocess_train"),
           (run.data.eval_split, "config.eval_split", run.data.preprocess_eval,
            "config.preprocess_eval")):
-        data.check_dataset(split=split, split_field=field,
-                           skip_bad_images=run.data.skip_bad_images, **run.data.source)
-        size = data.check_preprocess(spec, spec_field, split=split, **run.data.source)
+        source = {}  # without data: the string alone, and the size it sets if it sets one
+        if reads_data:
+          data.check_dataset(split=split, split_field=field,
+                             skip_bad_images=run.data.skip_bad_images, **run.data.source)
+          source = dict(split=split, **run.data.source)
+        size = data.check_preprocess(spec, spec_field, **source)
         check_image_size(run, size, spec, spec_field, split)
-      if self.uses_labels(run):
+      if reads_data and self.uses_labels(run):
         check_num_classes(run)
-    elif run.mode == "plan":  # the strings alone, and the size they set if they set one
-      for split, spec, spec_field in (
-          (run.data.train_split, run.data.preprocess_train, "config.preprocess_train"),
-          (run.data.eval_split, run.data.preprocess_eval, "config.preprocess_eval")):
-        check_image_size(run, data.check_preprocess(spec, spec_field), spec, spec_field, split)
     self.check_settings(run)
     run.initial_params = self.initializer(run) if run.mode == "train" else None
     if run.mode == "sweep":  # each run's own checks, all before the first one trains
